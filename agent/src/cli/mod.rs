@@ -1,0 +1,1 @@
+//! The `safekit` command line: argument parsing and one module per verb group.

@@ -1,0 +1,8 @@
+//! The agent: the tokio shell around `safekit-core`.
+//!
+//! It turns the world (sockets, timers, scripts, the data path) into events for
+//! the core and executes the actions the core returns. The `safekit` command
+//! lives here too, because it shares the agent's admin protocol.
+#![forbid(unsafe_code)]
+
+pub mod cli;

@@ -1,0 +1,1 @@
+//! The multi-node test harness: nodes as network + mount namespaces on one machine.
