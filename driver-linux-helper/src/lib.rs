@@ -4,3 +4,5 @@
 //! beneath it through a descriptor opened before the mount. Every change to the
 //! tree becomes one operation of an ordered replication stream that the peer
 //! applies and acknowledges before the application's call returns.
+
+pub mod replicator;
