@@ -5,4 +5,10 @@
 //! lives here too, because it shares the agent's admin protocol.
 #![forbid(unsafe_code)]
 
+pub mod admin_socket;
+pub mod arp;
 pub mod cli;
+pub mod modlog;
+pub mod persist;
+pub mod scripts;
+pub mod vip;
