@@ -5,4 +5,7 @@
 //! tree becomes one operation of an ordered replication stream that the peer
 //! applies and acknowledges before the application's call returns.
 
+pub mod apply;
+pub mod dirty;
 pub mod replicator;
+pub mod transport;

@@ -6,3 +6,8 @@
 #![forbid(unsafe_code)]
 
 pub mod replication;
+pub mod admin;
+pub mod auth;
+pub mod frame;
+pub mod minifilter;
+pub mod heartbeat;

@@ -17,8 +17,12 @@
 //!
 //! Contract between the sides (see ARCHITECTURE.md, "Durability contract"):
 //! the receiver applies operations in sequence order and sends cumulative
-//! acknowledgements; an [`Ack`] with `durable == true` means every operation up
-//! to `seq` is on the receiver's disk, otherwise in its page cache.
+//! acknowledgements. An acknowledged operation is applied on the receiver (in
+//! its page cache); an acknowledged [`Op::Fsync`] is on the receiver's disk
+//! with the guarantees fsync(2)/fdatasync(2) give there (the file, and its
+//! directory entry when the name changed since the last fsync of that
+//! directory). The frame layout and the handshake are in
+//! [`crate::frame`] and [`crate::auth`].
 
 use serde::{Deserialize, Serialize};
 
@@ -164,27 +168,74 @@ pub mod rename_flags {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
     /// Create a regular file (fails if it exists when `exclusive`).
-    Create { dir: u16, path: RelPath, mode: u32, uid: u32, gid: u32, exclusive: bool },
+    Create {
+        dir: u16,
+        path: RelPath,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        exclusive: bool,
+    },
     /// Create a directory.
-    Mkdir { dir: u16, path: RelPath, mode: u32, uid: u32, gid: u32 },
+    Mkdir {
+        dir: u16,
+        path: RelPath,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    },
     /// Create a device node, FIFO or socket.
-    Mknod { dir: u16, path: RelPath, mode: u32, rdev: u64, uid: u32, gid: u32 },
+    Mknod {
+        dir: u16,
+        path: RelPath,
+        mode: u32,
+        rdev: u64,
+        uid: u32,
+        gid: u32,
+    },
     /// Create a symbolic link whose target is stored verbatim (never followed by the receiver).
-    Symlink { dir: u16, path: RelPath, target: Vec<u8>, uid: u32, gid: u32 },
+    Symlink {
+        dir: u16,
+        path: RelPath,
+        target: Vec<u8>,
+        uid: u32,
+        gid: u32,
+    },
     /// Create a hard link `new` to `existing`.
-    Link { dir: u16, existing: RelPath, new: RelPath },
+    Link {
+        dir: u16,
+        existing: RelPath,
+        new: RelPath,
+    },
     /// Remove a non-directory.
     Unlink { dir: u16, path: RelPath },
     /// Remove an empty directory.
     Rmdir { dir: u16, path: RelPath },
     /// Rename, with [`rename_flags`].
-    Rename { dir: u16, from: RelPath, to: RelPath, flags: u32 },
+    Rename {
+        dir: u16,
+        from: RelPath,
+        to: RelPath,
+        flags: u32,
+    },
     /// Write bytes at an offset.
-    Write { dir: u16, path: RelPath, offset: u64, data: Vec<u8> },
+    Write {
+        dir: u16,
+        path: RelPath,
+        offset: u64,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
     /// Set the size.
     Truncate { dir: u16, path: RelPath, size: u64 },
     /// `fallocate(2)` with its mode bits (punch hole, keep size, zero range...).
-    Fallocate { dir: u16, path: RelPath, mode: i32, offset: u64, len: u64 },
+    Fallocate {
+        dir: u16,
+        path: RelPath,
+        mode: i32,
+        offset: u64,
+        len: u64,
+    },
     /// Change metadata; `None` leaves a field as it is.
     SetAttr {
         dir: u16,
@@ -196,19 +247,161 @@ pub enum Op {
         mtime: Option<TimeSet>,
     },
     /// Set an extended attribute (only when `acl="on"`).
-    SetXattr { dir: u16, path: RelPath, name: Vec<u8>, value: Vec<u8>, flags: i32 },
+    SetXattr {
+        dir: u16,
+        path: RelPath,
+        name: Vec<u8>,
+        value: Vec<u8>,
+        flags: i32,
+    },
     /// Remove an extended attribute.
-    RemoveXattr { dir: u16, path: RelPath, name: Vec<u8> },
+    RemoveXattr {
+        dir: u16,
+        path: RelPath,
+        name: Vec<u8>,
+    },
     /// Make a file durable on the receiver (`datasync`: data only).
-    Fsync { dir: u16, path: RelPath, datasync: bool },
+    Fsync {
+        dir: u16,
+        path: RelPath,
+        datasync: bool,
+    },
+}
+
+/// A byte range of a file (for the dirty record: "only this part changed").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ByteRange {
+    /// First byte.
+    pub offset: u64,
+    /// Number of bytes.
+    pub len: u64,
+}
+
+/// A file an operation changed, as the dirty record and the out-of-sync report name it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct TouchedFile {
+    /// The replicated directory.
+    pub dir: u16,
+    /// The file (or directory) beneath it.
+    pub path: RelPath,
+    /// The changed range, when the operation changed only part of a regular file's data.
+    pub range: Option<ByteRange>,
+}
+
+impl Op {
+    /// The replicated directory the operation works in.
+    pub fn dir(&self) -> u16 {
+        match self {
+            Op::Create { dir, .. }
+            | Op::Mkdir { dir, .. }
+            | Op::Mknod { dir, .. }
+            | Op::Symlink { dir, .. }
+            | Op::Link { dir, .. }
+            | Op::Unlink { dir, .. }
+            | Op::Rmdir { dir, .. }
+            | Op::Rename { dir, .. }
+            | Op::Write { dir, .. }
+            | Op::Truncate { dir, .. }
+            | Op::Fallocate { dir, .. }
+            | Op::SetAttr { dir, .. }
+            | Op::SetXattr { dir, .. }
+            | Op::RemoveXattr { dir, .. }
+            | Op::Fsync { dir, .. } => *dir,
+        }
+    }
+
+    /// The path an error report names: the file the operation is about
+    /// (the new name of a link, the source of a rename).
+    pub fn main_path(&self) -> &RelPath {
+        match self {
+            Op::Create { path, .. }
+            | Op::Mkdir { path, .. }
+            | Op::Mknod { path, .. }
+            | Op::Symlink { path, .. }
+            | Op::Unlink { path, .. }
+            | Op::Rmdir { path, .. }
+            | Op::Write { path, .. }
+            | Op::Truncate { path, .. }
+            | Op::Fallocate { path, .. }
+            | Op::SetAttr { path, .. }
+            | Op::SetXattr { path, .. }
+            | Op::RemoveXattr { path, .. }
+            | Op::Fsync { path, .. } => path,
+            Op::Link { new, .. } => new,
+            Op::Rename { from, .. } => from,
+        }
+    }
+
+    /// Every path the operation names.
+    pub fn paths(&self) -> Vec<&RelPath> {
+        match self {
+            Op::Link { existing, new, .. } => vec![existing, new],
+            Op::Rename { from, to, .. } => vec![from, to],
+            other => vec![other.main_path()],
+        }
+    }
+
+    /// Re-validates every path (serde cannot run validation while decoding).
+    ///
+    /// # Errors
+    /// Returns why the first invalid path is refused.
+    pub fn validate(&self) -> Result<(), RelPathError> {
+        self.paths().into_iter().try_for_each(RelPath::validate)
+    }
+
+    /// Whether the operation changes nothing and only asks for durability.
+    pub fn is_fsync(&self) -> bool {
+        matches!(self, Op::Fsync { .. })
+    }
+
+    /// The files whose content or metadata the operation changes, with the
+    /// byte range where it is known. A rename or link touches both names. An
+    /// fsync names its file too: while it is unconfirmed, the file may not be
+    /// on the peer's disk.
+    pub fn touched(&self) -> Vec<TouchedFile> {
+        let dir = self.dir();
+        let whole = |path: &RelPath| TouchedFile {
+            dir,
+            path: path.clone(),
+            range: None,
+        };
+        match self {
+            Op::Write {
+                path, offset, data, ..
+            } => vec![TouchedFile {
+                dir,
+                path: path.clone(),
+                range: Some(ByteRange {
+                    offset: *offset,
+                    len: data.len() as u64,
+                }),
+            }],
+            Op::Fallocate {
+                path, offset, len, ..
+            } => vec![TouchedFile {
+                dir,
+                path: path.clone(),
+                range: Some(ByteRange {
+                    offset: *offset,
+                    len: *len,
+                }),
+            }],
+            other => other.paths().into_iter().map(whole).collect(),
+        }
+    }
 }
 
 /// A cumulative acknowledgement: every operation up to and including `seq` is applied.
+///
+/// Applying an [`Op::Fsync`] includes making its file durable, so an
+/// acknowledgement that covers an fsync's sequence number also confirms its
+/// durability; `durable` only says that this acknowledgement was sent right
+/// after such an fsync (it is informative, the sender need not track it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ack {
     /// The highest sequence number applied.
     pub seq: u64,
-    /// Whether everything up to `seq` is also on the receiver's disk.
+    /// Whether the operation at `seq` was an fsync that completed (see above).
     pub durable: bool,
 }
 

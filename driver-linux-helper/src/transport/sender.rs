@@ -1,0 +1,917 @@
+//! The primary's end of the replication stream: ships operations, waits for acknowledgements, never hangs.
+//!
+//! [`Sender`] implements [`Replicator`]. A FUSE thread calling `replicate()`
+//! encodes its operation outside any lock, then, under the state lock, takes
+//! the next sequence number and queues the frame; a writer thread sends queued
+//! frames in batches (many in flight), a reader thread takes cumulative
+//! acknowledgements and wakes the waiters (one `Condvar`), a watchdog thread
+//! declares the peer lost when acknowledgements stop, and a connection thread
+//! (re)connects and authenticates while the role is `Replicating`.
+//!
+//! Bounds:
+//! - Every wait in `replicate()` has a deadline of `replication_timeout` from
+//!   the call; a waiter that reaches it either declares the peer lost (no
+//!   acknowledgement progress for the timeout) or, if acknowledgements still
+//!   flow, records its own file in the dirty log and returns `Alone` while the
+//!   stream goes on.
+//!   An operation that waited for room (below) until its deadline is not
+//!   shipped at all; its files are in the dirty log, so later operations on
+//!   them may fail on the peer (reported, recorded again) but nothing is lost
+//!   for the resync.
+//! - Unacknowledged bytes are bounded by `max_inflight_bytes`: a caller waits
+//!   for room (within the same deadline), so a slow peer slows writers down
+//!   instead of growing memory.
+//!
+//! Outcomes of `replicate()`:
+//! - `Confirmed`: the peer acknowledged the operation (for `WaitFor::Durable`,
+//!   an fsync of it too: a durable wait on anything but an `Fsync` ships an
+//!   `Fsync` of the file, or of the parent directory for a change of names,
+//!   right behind it and waits for that one);
+//! - `Queued` (`WaitFor::Queued`): sequenced and queued, not waited for;
+//! - `Alone`: the file is in the dirty log instead, because the sender is
+//!   `Alone`, the peer was lost while waiting, the wait reached its deadline,
+//!   or the peer reported that it could not apply the operation (`ApplyFailed`,
+//!   also reported as [`ReplicationEvent::FileOutOfSync`]);
+//! - `Off`: replication is switched off.
+//!
+//! See the transport module's durability contract for what each outcome means.
+
+use std::collections::{HashSet, VecDeque};
+use std::io::{self, BufWriter, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use safekit_protocol::auth::{self, Hello, PROTOCOL_VERSION, Proof};
+use safekit_protocol::frame::{EncodedBody, FrameDecoder, HEADER_LEN, Message};
+use safekit_protocol::replication::{Op, RelPath, TouchedFile};
+
+use super::{TransportError, kind_name, random_nonce, receive, send};
+use crate::dirty::DirtyLog;
+use crate::replicator::{ReplicateOutcome, Replicator, WaitFor};
+
+/// What the sender does with operations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Primary with a peer: ship every operation and wait for its acknowledgement.
+    Replicating,
+    /// Primary without a peer: record every touched file in the dirty log, ship nothing.
+    Alone,
+    /// No replication at all (benchmarks, a module without a peer yet).
+    Off,
+}
+
+/// Something the agent should know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplicationEvent {
+    /// A connection to the peer was authenticated.
+    Connected {
+        /// The peer's address.
+        peer: SocketAddr,
+    },
+    /// The peer was declared lost; the sender is now `Alone` and unacknowledged files are in the dirty log.
+    PeerLost {
+        /// Why (timeout, connection error...).
+        reason: String,
+    },
+    /// The peer could not apply an operation; the file is in the dirty log.
+    FileOutOfSync {
+        /// The replicated directory.
+        dir: u16,
+        /// The file.
+        path: RelPath,
+        /// The errno the peer got.
+        errno: i32,
+    },
+}
+
+/// How to reach and authenticate the peer, and the bounds to keep.
+#[derive(Debug, Clone)]
+pub struct SenderConfig {
+    /// The peer's replication address.
+    pub peer: SocketAddr,
+    /// The per-cluster secret.
+    pub secret: Vec<u8>,
+    /// The module name (part of the authentication).
+    pub module: String,
+    /// No acknowledgement progress for this long while operations are pending: the peer is lost.
+    pub replication_timeout: Duration,
+    /// Timeout of one connection attempt and of the handshake.
+    pub connect_timeout: Duration,
+    /// Pause between connection attempts.
+    pub reconnect_interval: Duration,
+    /// Bound of unacknowledged operation bytes.
+    pub max_inflight_bytes: usize,
+    /// Where touched files are recorded when they cannot be replicated.
+    pub dirty_log: Arc<DirtyLog>,
+    /// The role to start in.
+    pub initial_role: Role,
+}
+
+impl SenderConfig {
+    /// A configuration with the default bounds (2 s timeout, 64 MiB in flight), starting `Replicating`.
+    pub fn new(
+        peer: SocketAddr,
+        secret: impl Into<Vec<u8>>,
+        module: impl Into<String>,
+        dirty_log: Arc<DirtyLog>,
+    ) -> Self {
+        SenderConfig {
+            peer,
+            secret: secret.into(),
+            module: module.into(),
+            replication_timeout: Duration::from_secs(2),
+            connect_timeout: Duration::from_secs(2),
+            reconnect_interval: Duration::from_millis(500),
+            max_inflight_bytes: 64 * 1024 * 1024,
+            dirty_log,
+            initial_role: Role::Replicating,
+        }
+    }
+}
+
+/// Counters of a sender.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SenderStats {
+    /// The current role.
+    pub role: Role,
+    /// Whether an authenticated connection is up.
+    pub connected: bool,
+    /// Operations shipped.
+    pub ops: u64,
+    /// Frame bytes shipped (headers and payloads).
+    pub bytes: u64,
+    /// Operations not yet acknowledged.
+    pub in_flight_ops: usize,
+    /// Bytes not yet acknowledged.
+    pub in_flight_bytes: usize,
+    /// Time between queuing and acknowledgement of the last acknowledged operation.
+    pub last_ack_latency: Option<Duration>,
+    /// Operations the peer could not apply.
+    pub apply_errors: u64,
+    /// Times the peer was declared lost.
+    pub peer_losses: u64,
+    /// Calls answered `Alone` after recording their files.
+    pub recorded_alone: u64,
+    /// Dirty-log writes that failed (each one logged at error).
+    pub dirty_log_errors: u64,
+}
+
+#[derive(Debug)]
+struct Pending {
+    seq: u64,
+    touched: Vec<TouchedFile>,
+    bytes: usize,
+    queued_at: Instant,
+    has_waiter: bool,
+}
+
+#[derive(Debug)]
+struct OutFrame {
+    header: [u8; HEADER_LEN],
+    body: EncodedBody,
+}
+
+#[derive(Debug)]
+struct State {
+    role: Role,
+    next_seq: u64,
+    acked_seq: u64,
+    /// Sequence numbers below this that are not acknowledged were answered with `resolved_as`.
+    resolved_below: u64,
+    resolved_as: ReplicateOutcome,
+    pending: VecDeque<Pending>,
+    in_flight_bytes: usize,
+    outq: VecDeque<OutFrame>,
+    /// The current connection (a clone of its stream, to shut it down).
+    connection: Option<TcpStream>,
+    /// Incremented whenever a connection ends; threads of an older generation stop.
+    generation: u64,
+    failed_with_waiter: HashSet<u64>,
+    last_ack_at: Instant,
+    stats: SenderStats,
+}
+
+#[derive(Debug)]
+struct Shared {
+    config: SenderConfig,
+    state: Mutex<State>,
+    /// Waiters of `replicate()` wait here (acknowledgements, role changes).
+    changed: Condvar,
+    /// The watchdog and the connection thread wait here (role changes, connection loss, shutdown).
+    control: Condvar,
+    /// The writer waits here for frames.
+    outq_ready: Condvar,
+    subscribers: Mutex<Vec<mpsc::Sender<ReplicationEvent>>>,
+    shutdown: AtomicBool,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// The replication sender of one module.
+#[derive(Debug)]
+pub struct Sender {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Sender {
+    /// Starts the connection and watchdog threads.
+    ///
+    /// # Errors
+    /// A thread could not be spawned.
+    pub fn new(config: SenderConfig) -> io::Result<Sender> {
+        let role = config.initial_role;
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                role,
+                next_seq: 1,
+                acked_seq: 0,
+                resolved_below: 0,
+                resolved_as: ReplicateOutcome::Alone,
+                pending: VecDeque::new(),
+                in_flight_bytes: 0,
+                outq: VecDeque::new(),
+                connection: None,
+                generation: 0,
+                failed_with_waiter: HashSet::new(),
+                last_ack_at: Instant::now(),
+                stats: SenderStats {
+                    role,
+                    connected: false,
+                    ops: 0,
+                    bytes: 0,
+                    in_flight_ops: 0,
+                    in_flight_bytes: 0,
+                    last_ack_latency: None,
+                    apply_errors: 0,
+                    peer_losses: 0,
+                    recorded_alone: 0,
+                    dirty_log_errors: 0,
+                },
+            }),
+            config,
+            changed: Condvar::new(),
+            control: Condvar::new(),
+            outq_ready: Condvar::new(),
+            subscribers: Mutex::new(Vec::new()),
+            shutdown: AtomicBool::new(false),
+            threads: Mutex::new(Vec::new()),
+        });
+        let connector = {
+            let shared = Arc::clone(&shared);
+            std::thread::Builder::new()
+                .name("repl-connect".into())
+                .spawn(move || connect_loop(&shared))?
+        };
+        let watchdog = {
+            let shared = Arc::clone(&shared);
+            std::thread::Builder::new()
+                .name("repl-watchdog".into())
+                .spawn(move || watchdog_loop(&shared))?
+        };
+        Ok(Sender {
+            shared,
+            threads: vec![connector, watchdog],
+        })
+    }
+
+    /// A new channel of events from now on (events before the call are not replayed).
+    pub fn subscribe(&self) -> mpsc::Receiver<ReplicationEvent> {
+        let (tx, rx) = mpsc::channel();
+        self.shared
+            .subscribers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(tx);
+        rx
+    }
+
+    /// Switches role. Leaving `Replicating` records every unacknowledged file in the dirty
+    /// log and answers their waiters (`Alone`, or `Off`); entering `Replicating` (after a
+    /// resync) makes the connection thread connect.
+    pub fn set_role(&self, role: Role) {
+        let shared = &self.shared;
+        let mut state = shared.lock();
+        if state.role == role {
+            return;
+        }
+        tracing::info!(from = ?state.role, to = ?role, reason = "set by the agent", "replication role changed");
+        match role {
+            Role::Replicating => {
+                state.role = Role::Replicating;
+                state.stats.role = Role::Replicating;
+                state.failed_with_waiter.clear();
+                state.last_ack_at = Instant::now();
+            }
+            Role::Alone | Role::Off if state.role == Role::Replicating => {
+                shared.stop_replicating(&mut state, role, None);
+            }
+            Role::Alone | Role::Off => {
+                state.role = role;
+                state.stats.role = role;
+            }
+        }
+        shared.changed.notify_all();
+        shared.control.notify_all();
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> SenderStats {
+        let state = self.shared.lock();
+        let mut stats = state.stats;
+        stats.in_flight_ops = state.pending.len();
+        stats.in_flight_bytes = state.in_flight_bytes;
+        stats
+    }
+
+    /// The dirty log this sender records into.
+    pub fn dirty_log(&self) -> &Arc<DirtyLog> {
+        &self.shared.config.dirty_log
+    }
+}
+
+impl Drop for Sender {
+    fn drop(&mut self) {
+        self.shared.shutdown.store(true, Ordering::SeqCst);
+        {
+            let mut state = self.shared.lock();
+            if let Some(stream) = state.connection.take() {
+                let _ = stream.shutdown(Shutdown::Both);
+            }
+            state.generation += 1;
+            state.resolved_below = state.next_seq;
+        }
+        self.shared.changed.notify_all();
+        self.shared.control.notify_all();
+        self.shared.outq_ready.notify_all();
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+        let threads = std::mem::take(
+            &mut *self
+                .shared
+                .threads
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        for thread in threads {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Replicator for Sender {
+    fn replicate(&self, op: Op, wait_for: WaitFor) -> ReplicateOutcome {
+        let shared = &self.shared;
+        let deadline = Instant::now() + shared.config.replication_timeout;
+        // Cheap exits before any encoding.
+        let role = shared.lock().role;
+        match role {
+            Role::Off => return ReplicateOutcome::Off,
+            Role::Alone => return shared.record_alone(&op.touched()),
+            Role::Replicating => {}
+        }
+        let touched = op.touched();
+        // A durable wait for anything but an fsync (an O_SYNC write, say) ships an fsync
+        // right behind it and waits for that one.
+        let durability = (wait_for == WaitFor::Durable && !op.is_fsync())
+            .then(|| durability_op(&op))
+            .flatten();
+        let mut bodies = Vec::with_capacity(2);
+        for message in std::iter::once(op).chain(durability).map(Message::Op) {
+            match EncodedBody::new(&message) {
+                Ok(body) => bodies.push(body),
+                Err(error) => {
+                    tracing::error!(%error, "cannot encode an operation; recording its file instead");
+                    return shared.record_alone(&touched);
+                }
+            }
+        }
+        let bytes: usize = bodies
+            .iter()
+            .map(|body| HEADER_LEN + body.payload_len())
+            .sum();
+        let mut state = shared.lock();
+        // Backpressure: wait for room, within the deadline.
+        while state.role == Role::Replicating
+            && !state.pending.is_empty()
+            && state.in_flight_bytes + bytes > shared.config.max_inflight_bytes
+        {
+            let now = Instant::now();
+            if now >= deadline {
+                return shared.deadline_passed(state, now, &touched, &[]);
+            }
+            state = shared
+                .changed
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        match state.role {
+            Role::Off => return ReplicateOutcome::Off,
+            Role::Alone => {
+                drop(state);
+                return shared.record_alone(&touched);
+            }
+            Role::Replicating => {}
+        }
+        let mut seqs = Vec::with_capacity(bodies.len());
+        for body in bodies {
+            let seq = state.next_seq;
+            state.next_seq += 1;
+            let frame_bytes = HEADER_LEN + body.payload_len();
+            let header = body.header(seq);
+            state.outq.push_back(OutFrame { header, body });
+            state.pending.push_back(Pending {
+                seq,
+                touched: touched.clone(),
+                bytes: frame_bytes,
+                queued_at: Instant::now(),
+                has_waiter: wait_for != WaitFor::Queued,
+            });
+            state.in_flight_bytes += frame_bytes;
+            state.stats.ops += 1;
+            state.stats.bytes += frame_bytes as u64;
+            seqs.push(seq);
+        }
+        shared.outq_ready.notify_one();
+        if wait_for == WaitFor::Queued {
+            return ReplicateOutcome::Queued;
+        }
+        let last_seq = *seqs.last().expect("at least the operation itself");
+        loop {
+            if state.acked_seq >= last_seq {
+                let mut failed = false;
+                for seq in &seqs {
+                    failed |= state.failed_with_waiter.remove(seq);
+                }
+                return if failed {
+                    ReplicateOutcome::Alone
+                } else {
+                    ReplicateOutcome::Confirmed
+                };
+            }
+            if last_seq < state.resolved_below {
+                return state.resolved_as;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return shared.deadline_passed(state, now, &touched, &seqs);
+            }
+            state = shared
+                .changed
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+}
+
+/// The fsync that makes `op` durable on the peer: the file itself for data and
+/// metadata changes, the parent directory for a change of names only.
+fn durability_op(op: &Op) -> Option<Op> {
+    let dir = op.dir();
+    let parent_of = |path: &RelPath| path.split_last().map(|(parent, _)| parent);
+    let (path, datasync) = match op {
+        Op::Write { path, .. } | Op::Fallocate { path, .. } => (path.clone(), true),
+        Op::Create { path, .. }
+        | Op::Mkdir { path, .. }
+        | Op::Truncate { path, .. }
+        | Op::SetAttr { path, .. }
+        | Op::SetXattr { path, .. }
+        | Op::RemoveXattr { path, .. } => (path.clone(), false),
+        Op::Mknod { path, .. }
+        | Op::Symlink { path, .. }
+        | Op::Unlink { path, .. }
+        | Op::Rmdir { path, .. } => (parent_of(path)?, false),
+        Op::Link { new, .. } => (parent_of(new)?, false),
+        Op::Rename { to, .. } => (parent_of(to)?, false),
+        Op::Fsync { .. } => return None,
+    };
+    Some(Op::Fsync {
+        dir,
+        path,
+        datasync,
+    })
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn emit(&self, event: ReplicationEvent) {
+        let mut subscribers = self
+            .subscribers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        subscribers.retain(|subscriber| subscriber.send(event.clone()).is_ok());
+    }
+
+    /// Records files durably and answers `Alone` (the caller holds no lock).
+    fn record_alone(&self, touched: &[TouchedFile]) -> ReplicateOutcome {
+        let result = self.config.dirty_log.record(touched);
+        let mut state = self.lock();
+        state.stats.recorded_alone += 1;
+        if let Err(error) = result {
+            state.stats.dirty_log_errors += 1;
+            tracing::error!(%error, "cannot record touched files in the dirty log");
+        }
+        ReplicateOutcome::Alone
+    }
+
+    /// A waiter reached its deadline: lose the peer if acknowledgements stalled, else
+    /// record just this waiter's files and let it go.
+    fn deadline_passed(
+        &self,
+        mut state: MutexGuard<'_, State>,
+        now: Instant,
+        touched: &[TouchedFile],
+        seqs: &[u64],
+    ) -> ReplicateOutcome {
+        if state.role == Role::Replicating && self.stalled(&state, now) {
+            let reason = format!(
+                "no acknowledgement for {:?}",
+                self.config.replication_timeout
+            );
+            self.stop_replicating(&mut state, Role::Alone, Some(reason));
+            return ReplicateOutcome::Alone;
+        }
+        if state.role == Role::Off {
+            return ReplicateOutcome::Off;
+        }
+        // Nobody waits for these any more: a later failure report needs no waiter's answer.
+        for pending in state.pending.iter_mut().filter(|p| seqs.contains(&p.seq)) {
+            pending.has_waiter = false;
+        }
+        drop(state);
+        tracing::warn!(
+            "peer acknowledges too slowly for the replication timeout; file recorded as dirty"
+        );
+        self.record_alone(touched)
+    }
+
+    /// No acknowledgement progress for the timeout while operations are pending.
+    fn stalled(&self, state: &State, now: Instant) -> bool {
+        state.pending.front().is_some_and(|oldest| {
+            let since = oldest.queued_at.max(state.last_ack_at);
+            now.duration_since(since) >= self.config.replication_timeout
+        })
+    }
+
+    /// Leaves `Replicating`: records every unacknowledged file durably, then answers all
+    /// waiters, closes the connection and (with a reason) reports `PeerLost`.
+    fn stop_replicating(&self, state: &mut State, role: Role, lost_reason: Option<String>) {
+        if state.role != Role::Replicating {
+            return;
+        }
+        let touched: Vec<TouchedFile> = state
+            .pending
+            .iter()
+            .flat_map(|p| p.touched.iter().cloned())
+            .collect();
+        if let Err(error) = self.config.dirty_log.record(&touched) {
+            state.stats.dirty_log_errors += 1;
+            tracing::error!(%error, files = touched.len(), "cannot record unacknowledged files in the dirty log");
+        }
+        state.role = role;
+        state.stats.role = role;
+        state.resolved_below = state.next_seq;
+        state.resolved_as = if role == Role::Off {
+            ReplicateOutcome::Off
+        } else {
+            ReplicateOutcome::Alone
+        };
+        state.pending.clear();
+        state.outq.clear();
+        state.in_flight_bytes = 0;
+        state.failed_with_waiter.clear();
+        if let Some(stream) = state.connection.take() {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+        state.stats.connected = false;
+        state.generation += 1;
+        self.changed.notify_all();
+        self.control.notify_all();
+        self.outq_ready.notify_all();
+        if let Some(reason) = lost_reason {
+            state.stats.peer_losses += 1;
+            tracing::warn!(peer = %self.config.peer, %reason, files = touched.len(), from = "Replicating", to = "Alone", "replication peer lost");
+            self.emit(ReplicationEvent::PeerLost { reason });
+        }
+    }
+
+    /// The connection of `generation` failed.
+    fn connection_failed(&self, generation: u64, reason: String) {
+        let mut state = self.lock();
+        if state.generation == generation {
+            self.stop_replicating(&mut state, Role::Alone, Some(reason));
+        }
+    }
+}
+
+fn watchdog_loop(shared: &Arc<Shared>) {
+    let period = (shared.config.replication_timeout / 4).max(Duration::from_millis(5));
+    let mut state = shared.lock();
+    while !shared.shutdown.load(Ordering::SeqCst) {
+        let now = Instant::now();
+        if state.role == Role::Replicating && shared.stalled(&state, now) {
+            let reason = format!(
+                "no acknowledgement for {:?}",
+                shared.config.replication_timeout
+            );
+            shared.stop_replicating(&mut state, Role::Alone, Some(reason));
+        }
+        state = shared
+            .control
+            .wait_timeout(state, period)
+            .unwrap_or_else(PoisonError::into_inner)
+            .0;
+    }
+}
+
+fn connect_loop(shared: &Arc<Shared>) {
+    let mut logged_failure = false;
+    loop {
+        {
+            let mut state = shared.lock();
+            while !(shared.shutdown.load(Ordering::SeqCst)
+                || (state.role == Role::Replicating && state.connection.is_none()))
+            {
+                state = shared
+                    .control
+                    .wait(state)
+                    .unwrap_or_else(PoisonError::into_inner);
+            }
+            if shared.shutdown.load(Ordering::SeqCst) {
+                return;
+            }
+        }
+        match connect(&shared.config) {
+            Ok((stream, decoder)) => {
+                logged_failure = false;
+                if let Err(error) = start_connection(shared, stream, decoder) {
+                    tracing::warn!(%error, "cannot start the replication connection threads");
+                }
+            }
+            Err(error) => {
+                if logged_failure {
+                    tracing::debug!(peer = %shared.config.peer, %error, "replication connection failed");
+                } else {
+                    tracing::warn!(peer = %shared.config.peer, %error, "replication connection failed");
+                    logged_failure = true;
+                }
+                let state = shared.lock();
+                let _ = shared.control.wait_timeout_while(
+                    state,
+                    shared.config.reconnect_interval,
+                    |_| !shared.shutdown.load(Ordering::SeqCst),
+                );
+            }
+        }
+    }
+}
+
+/// Connects and authenticates (client side of the handshake).
+fn connect(config: &SenderConfig) -> Result<(TcpStream, FrameDecoder), TransportError> {
+    let mut stream = TcpStream::connect_timeout(&config.peer, config.connect_timeout)?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(config.connect_timeout))?;
+    stream.set_write_timeout(Some(config.connect_timeout))?;
+    let mut decoder = FrameDecoder::new();
+    let client_nonce = random_nonce()?;
+    let hello = Hello {
+        module: config.module.clone(),
+        version: PROTOCOL_VERSION,
+        client_nonce,
+    };
+    send(&mut stream, 0, &Message::Hello(hello))?;
+    let challenge = match receive(&mut stream, &mut decoder)?.message {
+        Message::Challenge(challenge) => challenge,
+        Message::Refused(refused) => {
+            return Err(TransportError::Auth(format!("refused: {}", refused.reason)));
+        }
+        other => return Err(TransportError::Unexpected(kind_name(&other))),
+    };
+    auth::verify_server_proof(
+        &config.secret,
+        &config.module,
+        &client_nonce,
+        &challenge.server_nonce,
+        &challenge.server_proof,
+    )
+    .map_err(|error| {
+        TransportError::Auth(format!("the receiver did not prove the secret: {error}"))
+    })?;
+    let client_proof = auth::client_proof(
+        &config.secret,
+        &config.module,
+        &client_nonce,
+        &challenge.server_nonce,
+    )
+    .map_err(|error| TransportError::Auth(error.to_string()))?;
+    send(&mut stream, 0, &Message::Proof(Proof { client_proof }))?;
+    match receive(&mut stream, &mut decoder)?.message {
+        Message::Welcome => {}
+        Message::Refused(refused) => {
+            return Err(TransportError::Auth(format!("refused: {}", refused.reason)));
+        }
+        other => return Err(TransportError::Unexpected(kind_name(&other))),
+    }
+    stream.set_read_timeout(None)?;
+    stream.set_write_timeout(None)?;
+    Ok((stream, decoder))
+}
+
+fn start_connection(
+    shared: &Arc<Shared>,
+    stream: TcpStream,
+    decoder: FrameDecoder,
+) -> io::Result<()> {
+    let read_stream = stream.try_clone()?;
+    let write_stream = stream.try_clone()?;
+    let generation = {
+        let mut state = shared.lock();
+        if state.role != Role::Replicating || shared.shutdown.load(Ordering::SeqCst) {
+            let _ = stream.shutdown(Shutdown::Both);
+            return Ok(());
+        }
+        state.connection = Some(stream);
+        state.stats.connected = true;
+        state.last_ack_at = Instant::now();
+        state.generation
+    };
+    tracing::info!(peer = %shared.config.peer, "replication connected");
+    shared.emit(ReplicationEvent::Connected {
+        peer: shared.config.peer,
+    });
+    let reader = {
+        let shared = Arc::clone(shared);
+        std::thread::Builder::new()
+            .name("repl-read".into())
+            .spawn(move || reader_loop(&shared, read_stream, decoder, generation))
+    };
+    let writer = {
+        let shared = Arc::clone(shared);
+        std::thread::Builder::new()
+            .name("repl-write".into())
+            .spawn(move || writer_loop(&shared, write_stream, generation))
+    };
+    let mut threads = shared
+        .threads
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    threads.retain(|thread| !thread.is_finished());
+    for thread in [reader, writer] {
+        match thread {
+            Ok(thread) => threads.push(thread),
+            Err(error) => {
+                drop(threads);
+                shared.connection_failed(
+                    generation,
+                    format!("cannot spawn a connection thread: {error}"),
+                );
+                return Err(error);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn writer_loop(shared: &Shared, stream: TcpStream, generation: u64) {
+    let mut writer = BufWriter::with_capacity(256 * 1024, stream);
+    loop {
+        let batch: Vec<OutFrame> = {
+            let mut state = shared.lock();
+            while state.outq.is_empty() && state.generation == generation {
+                state = shared
+                    .outq_ready
+                    .wait(state)
+                    .unwrap_or_else(PoisonError::into_inner);
+            }
+            if state.generation != generation {
+                return;
+            }
+            state.outq.drain(..).collect()
+        };
+        let written = batch
+            .iter()
+            .try_for_each(|frame| {
+                writer.write_all(&frame.header)?;
+                writer.write_all(frame.body.payload())
+            })
+            .and_then(|()| writer.flush());
+        if let Err(error) = written {
+            shared.connection_failed(generation, format!("write to the peer failed: {error}"));
+            return;
+        }
+    }
+}
+
+fn reader_loop(shared: &Shared, mut stream: TcpStream, mut decoder: FrameDecoder, generation: u64) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let reason = loop {
+        let frame = match decoder.next_frame() {
+            Ok(Some(frame)) => frame,
+            Ok(None) => {
+                match stream.read(&mut buf) {
+                    Ok(0) => break "the peer closed the connection".to_owned(),
+                    Ok(n) => decoder.push(&buf[..n]),
+                    Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                    Err(error) => break format!("read from the peer failed: {error}"),
+                }
+                continue;
+            }
+            Err(error) => break format!("corrupt frame from the peer: {error}"),
+        };
+        match frame.message {
+            Message::Ack(ack) => {
+                let mut state = shared.lock();
+                if state.generation != generation {
+                    return;
+                }
+                if ack.seq >= state.next_seq {
+                    break format!("acknowledgement of {} which was never sent", ack.seq);
+                }
+                if ack.seq > state.acked_seq {
+                    let now = Instant::now();
+                    state.acked_seq = ack.seq;
+                    state.last_ack_at = now;
+                    while state.pending.front().is_some_and(|p| p.seq <= ack.seq) {
+                        let done = state.pending.pop_front().expect("front exists");
+                        state.in_flight_bytes -= done.bytes;
+                        state.stats.last_ack_latency = Some(now.duration_since(done.queued_at));
+                    }
+                    shared.changed.notify_all();
+                }
+            }
+            Message::ApplyFailed(failed) => {
+                let mut touched = {
+                    let state = shared.lock();
+                    if state.generation != generation {
+                        return;
+                    }
+                    state
+                        .pending
+                        .iter()
+                        .find(|p| p.seq == failed.seq)
+                        .map(|p| p.touched.clone())
+                        .unwrap_or_default()
+                };
+                touched.push(TouchedFile {
+                    dir: failed.dir,
+                    path: failed.path.clone(),
+                    range: None,
+                });
+                // Durable before the Ack that follows is processed (this thread reads it next).
+                let recorded = shared.config.dirty_log.record(&touched);
+                let mut state = shared.lock();
+                state.stats.apply_errors += 1;
+                if let Err(error) = recorded {
+                    state.stats.dirty_log_errors += 1;
+                    tracing::error!(%error, "cannot record an out-of-sync file in the dirty log");
+                }
+                if state
+                    .pending
+                    .iter()
+                    .any(|p| p.seq == failed.seq && p.has_waiter)
+                {
+                    state.failed_with_waiter.insert(failed.seq);
+                }
+                drop(state);
+                tracing::warn!(
+                    seq = failed.seq,
+                    dir = failed.dir,
+                    path = %String::from_utf8_lossy(&failed.path.to_bytes()),
+                    errno = failed.errno,
+                    "the peer could not apply an operation; file out of sync"
+                );
+                shared.emit(ReplicationEvent::FileOutOfSync {
+                    dir: failed.dir,
+                    path: failed.path,
+                    errno: failed.errno,
+                });
+            }
+            Message::Ping => {
+                // Only the writer thread writes to the socket: queue the answer.
+                let body = EncodedBody::new(&Message::Pong).expect("an empty body always encodes");
+                let mut state = shared.lock();
+                if state.generation != generation {
+                    return;
+                }
+                state.outq.push_back(OutFrame {
+                    header: body.header(0),
+                    body,
+                });
+                shared.outq_ready.notify_one();
+            }
+            Message::Pong => {}
+            Message::Bye => break "the peer said goodbye".to_owned(),
+            other => break format!("unexpected {} message from the peer", kind_name(&other)),
+        }
+    };
+    shared.connection_failed(generation, reason);
+}
