@@ -1,6 +1,57 @@
 //! `safekit`: the operator's command.
+//!
+//! Verbs are grouped as clap subcommands; each group's work lives in
+//! `safekit_agent::cli::<group>`, this file only parses and dispatches.
 #![forbid(unsafe_code)]
 
-fn main() -> anyhow::Result<()> {
-    anyhow::bail!("no command implemented yet")
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use safekit_agent::cli::config_check::{self, ConfigCheckArgs};
+
+/// Control and inspect safekit application modules.
+#[derive(Debug, Parser)]
+#[command(name = "safekit", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Work with module configuration files.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Validate a userconfig.xml, a cluster.xml or a module folder offline; print every problem.
+    Check(ConfigCheckArgs),
+}
+
+/// Exit status: 0 success, 1 the checked input has errors, 2 the command could not run.
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("safekit: {error:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Config(ConfigCommand::Check(args)) => {
+            let report = config_check::run(&args)?;
+            print!("{}", report.output);
+            Ok(if report.has_errors {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+    }
 }

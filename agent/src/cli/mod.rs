@@ -1,1 +1,2 @@
 //! The `safekit` command line: argument parsing and one module per verb group.
+pub mod config_check;
