@@ -6,3 +6,4 @@
 //! has no failure modes of its own and is tested without a machine.
 #![forbid(unsafe_code)]
 pub mod config;
+pub mod cluster;
