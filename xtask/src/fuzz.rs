@@ -22,19 +22,23 @@ pub(crate) fn run(root: &Path, seconds: u64, only: Option<&str>) -> anyhow::Resu
         .iter()
         .filter(|t| only.is_none_or(|o| o == t.as_str()))
     {
-        run_command(
-            Command::new("cargo")
-                .current_dir(&fuzz_dir)
-                .env("RUSTC_BOOTSTRAP", "1")
-                .args([
-                    "fuzz",
-                    "run",
-                    target,
-                    "--",
-                    &format!("-max_total_time={seconds}"),
-                ]),
-        )
-        .with_context(|| {
+        // libFuzzer writes new inputs into the first corpus directory, so the
+        // writable corpus comes first and the committed seeds after it.
+        let corpus = fuzz_dir.join("corpus").join(target);
+        std::fs::create_dir_all(&corpus)
+            .with_context(|| format!("cannot create {}", corpus.display()))?;
+        let mut command = Command::new("cargo");
+        command
+            .current_dir(&fuzz_dir)
+            .env("RUSTC_BOOTSTRAP", "1")
+            .args(["fuzz", "run", target])
+            .arg(&corpus);
+        let seeds = fuzz_dir.join("seeds").join(target);
+        if seeds.is_dir() {
+            command.arg(&seeds);
+        }
+        command.args(["--", &format!("-max_total_time={seconds}")]);
+        run_command(&mut command).with_context(|| {
             format!("fuzz target {target} found a crash (see fuzz/artifacts/{target})")
         })?;
     }
