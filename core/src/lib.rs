@@ -5,5 +5,6 @@
 //! by the caller. The core never opens a file, a socket or reads a clock, so it
 //! has no failure modes of its own and is tested without a machine.
 #![forbid(unsafe_code)]
-pub mod config;
+
 pub mod cluster;
+pub mod config;

@@ -29,6 +29,8 @@ pub enum Verb {
     Prim,
     /// Force a start as secondary; fails if the peer is not primary.
     Second,
+    /// Force a start as primary even after an interrupted resynchronization.
+    PrimForce,
 }
 
 impl Verb {
@@ -43,6 +45,7 @@ impl Verb {
             Verb::Swap => "swap",
             Verb::Prim => "prim",
             Verb::Second => "second",
+            Verb::PrimForce => "primforce",
         }
     }
 }
@@ -62,13 +65,28 @@ pub enum Caller {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AdminRequest {
     /// Run a control verb on a module.
-    Control { module: String, verb: Verb, caller: Caller },
+    Control {
+        module: String,
+        verb: Verb,
+        caller: Caller,
+    },
     /// The state of one module, or of every module.
-    State { module: Option<String>, verbose: bool },
+    State {
+        module: Option<String>,
+        verbose: bool,
+    },
     /// The last `lines` lines of a module's log (`verbose`: the verbose log).
-    Log { module: String, lines: u32, verbose: bool },
+    Log {
+        module: String,
+        lines: u32,
+        verbose: bool,
+    },
     /// A message from a script for the module log (`printe`, `printi`, `printw`).
-    Print { module: String, level: PrintLevel, message: String },
+    Print {
+        module: String,
+        level: PrintLevel,
+        message: String,
+    },
     /// The installed modules.
     ModuleList,
     /// Liveness probe.
@@ -155,7 +173,10 @@ mod tests {
         let request = AdminRequest::Control {
             module: "mirror".into(),
             verb: Verb::Prim,
-            caller: Caller::Local { uid: 0, name: "root".into() },
+            caller: Caller::Local {
+                uid: 0,
+                name: "root".into(),
+            },
         };
         let bytes = encode(&request).expect("encodes");
         assert_eq!(decode::<AdminRequest>(&bytes).expect("decodes"), request);
@@ -163,10 +184,17 @@ mod tests {
 
     #[test]
     fn truncated_requests_are_errors_not_panics() {
-        let bytes = encode(&AdminRequest::Log { module: "m".into(), lines: 10, verbose: true })
-            .expect("encodes");
+        let bytes = encode(&AdminRequest::Log {
+            module: "m".into(),
+            lines: 10,
+            verbose: true,
+        })
+        .expect("encodes");
         for len in 0..bytes.len() {
-            assert!(decode::<AdminRequest>(&bytes[..len]).is_err(), "prefix of {len} bytes decoded");
+            assert!(
+                decode::<AdminRequest>(&bytes[..len]).is_err(),
+                "prefix of {len} bytes decoded"
+            );
         }
     }
 

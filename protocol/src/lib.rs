@@ -5,9 +5,9 @@
 //! typed error instead of panicking; each one has a fuzz target under `fuzz/`.
 #![forbid(unsafe_code)]
 
-pub mod replication;
 pub mod admin;
 pub mod auth;
 pub mod frame;
-pub mod minifilter;
 pub mod heartbeat;
+pub mod minifilter;
+pub mod replication;
