@@ -8,6 +8,8 @@
 pub mod admin_socket;
 pub mod arp;
 pub mod cli;
+pub mod daemon;
+pub mod datapath;
 pub mod modlog;
 pub mod persist;
 pub mod scripts;

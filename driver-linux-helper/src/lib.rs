@@ -5,7 +5,14 @@
 //! tree becomes one operation of an ordered replication stream that the peer
 //! applies and acknowledges before the application's call returns.
 
+pub mod activity;
 pub mod apply;
+pub mod control;
 pub mod dirty;
+pub mod fs;
+pub mod guard;
+pub mod mount;
 pub mod replicator;
+pub mod resync;
+pub mod sys;
 pub mod transport;

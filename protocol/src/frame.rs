@@ -15,7 +15,8 @@
 //! | 20     | 4    | crc           | CRC-32C of the header with this field zeroed, then payload |
 //!
 //! The payload is the `postcard` encoding of the kind's body ([`Hello`],
-//! [`Challenge`], [`Proof`], [`Refused`], [`Op`], [`Ack`], [`ApplyFailed`]);
+//! [`Challenge`], [`Proof`], [`Refused`], [`Op`], [`Ack`], [`ApplyFailed`],
+//! [`ResyncRequest`], [`ResyncReply`]);
 //! `Welcome`, `Ping`, `Pong` and `Bye` have an empty payload. A body must use
 //! its whole payload (no trailing bytes). Paths in decoded operations are
 //! re-validated, so a decoded [`Message`] never carries `..`, an absolute
@@ -37,6 +38,7 @@ use serde::{Serialize, de::DeserializeOwned};
 pub use crate::auth::PROTOCOL_VERSION;
 use crate::auth::{Challenge, Hello, Proof, Refused};
 use crate::replication::{Ack, ApplyFailed, Op, RelPathError};
+use crate::resync::{RequestError, ResyncReply, ResyncRequest};
 
 /// The first four bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"SKRP";
@@ -73,6 +75,10 @@ pub enum Kind {
     Pong = 10,
     /// Either way: orderly close.
     Bye = 11,
+    /// Client → server: [`ResyncRequest`], answered after every earlier operation is applied.
+    ResyncRequest = 12,
+    /// Server → client: [`ResyncReply`].
+    ResyncReply = 13,
 }
 
 impl Kind {
@@ -89,6 +95,8 @@ impl Kind {
             9 => Kind::Ping,
             10 => Kind::Pong,
             11 => Kind::Bye,
+            12 => Kind::ResyncRequest,
+            13 => Kind::ResyncReply,
             _ => return None,
         })
     }
@@ -119,6 +127,10 @@ pub enum Message {
     Pong,
     /// See [`Kind::Bye`].
     Bye,
+    /// See [`Kind::ResyncRequest`].
+    ResyncRequest(ResyncRequest),
+    /// See [`Kind::ResyncReply`].
+    ResyncReply(ResyncReply),
 }
 
 impl Message {
@@ -136,6 +148,8 @@ impl Message {
             Message::Ping => Kind::Ping,
             Message::Pong => Kind::Pong,
             Message::Bye => Kind::Bye,
+            Message::ResyncRequest(_) => Kind::ResyncRequest,
+            Message::ResyncReply(_) => Kind::ResyncReply,
         }
     }
 }
@@ -191,6 +205,14 @@ pub enum FrameError {
         /// Why the path was refused.
         source: RelPathError,
     },
+    /// A resync request or reply is out of bounds or names an invalid path.
+    #[error("invalid {kind:?} body: {source}")]
+    InvalidResync {
+        /// The frame's kind.
+        kind: Kind,
+        /// What is wrong.
+        source: RequestError,
+    },
 }
 
 /// Why a message could not be encoded.
@@ -229,6 +251,8 @@ impl EncodedBody {
             Message::Op(body) => enc(body)?,
             Message::Ack(body) => enc(body)?,
             Message::ApplyFailed(body) => enc(body)?,
+            Message::ResyncRequest(body) => enc(body)?,
+            Message::ResyncReply(body) => enc(body)?,
             Message::Welcome | Message::Ping | Message::Pong | Message::Bye => Vec::new(),
         };
         if payload.len() > MAX_PAYLOAD_LEN as usize {
@@ -417,6 +441,20 @@ fn decode_body(kind: Kind, payload: &[u8]) -> Result<Message, FrameError> {
             let failed: ApplyFailed = dec(kind, payload)?;
             failed.path.validate().map_err(invalid_path)?;
             Message::ApplyFailed(failed)
+        }
+        Kind::ResyncRequest => {
+            let request: ResyncRequest = dec(kind, payload)?;
+            request
+                .validate()
+                .map_err(|source| FrameError::InvalidResync { kind, source })?;
+            Message::ResyncRequest(request)
+        }
+        Kind::ResyncReply => {
+            let reply: ResyncReply = dec(kind, payload)?;
+            reply
+                .validate()
+                .map_err(|source| FrameError::InvalidResync { kind, source })?;
+            Message::ResyncReply(reply)
         }
         Kind::Welcome | Kind::Ping | Kind::Pong | Kind::Bye => {
             if !payload.is_empty() {
@@ -699,6 +737,60 @@ mod tests {
                 "escaping path accepted"
             );
         }
+    }
+
+    #[test]
+    fn resync_messages_round_trip_and_bad_names_are_refused() {
+        use crate::resync::{DirEntry, EntryKind, EntryMeta, ReplyBody, RequestBody};
+        let request = Message::ResyncRequest(ResyncRequest {
+            id: 9,
+            body: RequestBody::Checksums {
+                dir: 1,
+                path: RelPath::parse(b"big/file").expect("valid"),
+                block_size: 65536,
+                first_block: 3,
+                count: 2,
+            },
+        });
+        let meta = EntryMeta {
+            kind: EntryKind::File,
+            size: 5,
+            mtime: Timestamp { secs: 1, nanos: 2 },
+            mode: 0o100644,
+            uid: 1,
+            gid: 2,
+            rdev: 0,
+            link_target: Vec::new(),
+        };
+        let reply = |name: &[u8]| {
+            Message::ResyncReply(ResyncReply {
+                id: 9,
+                body: ReplyBody::ListDir {
+                    entries: vec![DirEntry {
+                        name: name.to_vec(),
+                        meta: meta.clone(),
+                    }],
+                    more: false,
+                },
+            })
+        };
+        for message in [request, reply(b"ok")] {
+            let mut decoder = FrameDecoder::new();
+            decoder.push(&encode(0, &message).expect("small"));
+            assert_eq!(
+                decoder.next_frame().expect("valid").map(|f| f.message),
+                Some(message)
+            );
+        }
+        let mut decoder = FrameDecoder::new();
+        decoder.push(&encode(0, &reply(b"..")).expect("small"));
+        assert!(matches!(
+            decoder.next_frame(),
+            Err(FrameError::InvalidResync {
+                kind: Kind::ResyncReply,
+                ..
+            })
+        ));
     }
 
     #[test]

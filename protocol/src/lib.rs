@@ -11,3 +11,4 @@ pub mod frame;
 pub mod heartbeat;
 pub mod minifilter;
 pub mod replication;
+pub mod resync;

@@ -4,6 +4,7 @@
 //! what to do next. `cargo xtask test` is exactly what CI runs (see `.ci/run`).
 #![forbid(unsafe_code)]
 
+mod bench;
 mod fuzz;
 mod tidy;
 
@@ -44,6 +45,8 @@ enum Task {
     },
     /// Check the project's conventions (module docs, SAFETY comments, crate boundaries).
     Tidy,
+    /// Benchmark the data path (plain, mount, replicated in each mode) into BENCHMARKS.md; needs root and fio.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -57,6 +60,7 @@ fn main() -> anyhow::Result<()> {
         } => test(&root, fuzz_seconds, no_lint),
         Task::Fuzz { seconds, target } => fuzz::run(&root, seconds, target.as_deref()),
         Task::Tidy => tidy::run(&root),
+        Task::Bench(args) => bench::run(&root, args),
     }
 }
 

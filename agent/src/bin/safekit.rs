@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use safekit_agent::cli::config_check::{self, ConfigCheckArgs};
+use safekit_agent::cli::control::{self, AgentCommand};
 
 /// Control and inspect safekit application modules.
 #[derive(Debug, Parser)]
@@ -22,6 +23,8 @@ enum Command {
     /// Work with module configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
+    #[command(flatten)]
+    Agent(AgentCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -31,6 +34,8 @@ enum ConfigCommand {
 }
 
 /// Exit status: 0 success, 1 the checked input has errors, 2 the command could not run.
+/// Agent verbs: see `safekit_agent::cli::control` (0 done, 1 refused or failed,
+/// `state -q`: the state's code).
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
@@ -44,6 +49,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Agent(command) => Ok(control::run(command)),
         Command::Config(ConfigCommand::Check(args)) => {
             let report = config_check::run(&args)?;
             print!("{}", report.output);

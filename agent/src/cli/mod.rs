@@ -1,2 +1,3 @@
 //! The `safekit` command line: argument parsing and one module per verb group.
 pub mod config_check;
+pub mod control;

@@ -46,7 +46,9 @@ mod receiver;
 mod sender;
 
 pub use receiver::{Receiver, ReceiverStats};
-pub use sender::{ReplicationEvent, Role, Sender, SenderConfig, SenderStats};
+pub use sender::{
+    ReplicationEvent, RequestFailed, RequestTicket, Role, Sender, SenderConfig, SenderStats,
+};
 
 /// Why a handshake or a connection failed.
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +117,8 @@ fn kind_name(message: &Message) -> &'static str {
         Message::Ping => "Ping",
         Message::Pong => "Pong",
         Message::Bye => "Bye",
+        Message::ResyncRequest(_) => "ResyncRequest",
+        Message::ResyncReply(_) => "ResyncReply",
     }
 }
 

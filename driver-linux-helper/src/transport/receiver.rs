@@ -8,9 +8,16 @@
 //! has finished its operation in progress (the [`ReplicaRoot`] is behind a
 //! mutex held for a whole session). A corrupt frame closes the connection
 //! without being applied; operations before it stay applied and acknowledged.
+//!
+//! Resync requests (see [`safekit_protocol::resync`]) arrive in the same
+//! stream and are answered in order, after every operation before them was
+//! applied, by [`crate::resync::serve`]. A receiver made with
+//! [`Receiver::bind_serving_resync`] answers them; one made with
+//! [`Receiver::bind`] answers `Failed { errno: ENOTSUP }`.
 
 use std::io::{self, BufWriter, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -19,6 +26,7 @@ use std::time::Duration;
 use safekit_protocol::auth::{self, Challenge, PROTOCOL_VERSION, Refused};
 use safekit_protocol::frame::{FrameDecoder, Message};
 use safekit_protocol::replication::{Ack, ApplyFailed};
+use safekit_protocol::resync::{ReplyBody, ResyncReply};
 
 use super::{TransportError, kind_name, random_nonce, receive, send};
 use crate::apply::ReplicaRoot;
@@ -58,6 +66,8 @@ struct Shared {
     secret: Vec<u8>,
     module: String,
     root: Mutex<ReplicaRoot>,
+    /// Descriptors of the replicated directories for answering resync requests.
+    resync_dirs: Option<Vec<OwnedFd>>,
     stopping: AtomicBool,
     current: Mutex<Option<TcpStream>>,
     handshakes: AtomicUsize,
@@ -85,12 +95,49 @@ impl Receiver {
         module_name: impl Into<String>,
         root: ReplicaRoot,
     ) -> io::Result<Receiver> {
+        Self::bind_inner(addr, secret.into(), module_name.into(), root, None)
+    }
+
+    /// Like [`Receiver::bind`], and also answers resync requests: `dirs` are the
+    /// replicated directories (index = replicated directory index), opened with
+    /// `O_PATH | O_DIRECTORY` before any mount; the receiver applies beneath
+    /// them and reads beneath duplicates of them.
+    ///
+    /// # Errors
+    /// A descriptor could not be duplicated or the socket could not be bound.
+    pub fn bind_serving_resync(
+        addr: impl ToSocketAddrs,
+        secret: impl Into<Vec<u8>>,
+        module_name: impl Into<String>,
+        dirs: Vec<OwnedFd>,
+    ) -> io::Result<Receiver> {
+        let readers = dirs
+            .iter()
+            .map(OwnedFd::try_clone)
+            .collect::<io::Result<Vec<_>>>()?;
+        Self::bind_inner(
+            addr,
+            secret.into(),
+            module_name.into(),
+            ReplicaRoot::new(dirs),
+            Some(readers),
+        )
+    }
+
+    fn bind_inner(
+        addr: impl ToSocketAddrs,
+        secret: Vec<u8>,
+        module: String,
+        root: ReplicaRoot,
+        resync_dirs: Option<Vec<OwnedFd>>,
+    ) -> io::Result<Receiver> {
         let listener = Arc::new(TcpListener::bind(addr)?);
         let local_addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
-            secret: secret.into(),
-            module: module_name.into(),
+            secret,
+            module,
             root: Mutex::new(root),
+            resync_dirs,
             stopping: AtomicBool::new(false),
             current: Mutex::new(None),
             handshakes: AtomicUsize::new(0),
@@ -404,6 +451,20 @@ fn session(
                         writer.flush()?;
                         last_acked = last_applied;
                     }
+                }
+                Message::ResyncRequest(request) => {
+                    // Everything before the request is applied: acknowledge it, then answer.
+                    flush_ack(&mut writer, last_applied, &mut last_acked)?;
+                    let reply = match &shared.resync_dirs {
+                        Some(dirs) => crate::resync::serve::answer(dirs, &request),
+                        None => ResyncReply {
+                            id: request.id,
+                            body: ReplyBody::Failed {
+                                errno: libc::ENOTSUP,
+                            },
+                        },
+                    };
+                    send(&mut writer, 0, &Message::ResyncReply(reply))?;
                 }
                 Message::Ping => send(&mut writer, 0, &Message::Pong)?,
                 Message::Pong => {}

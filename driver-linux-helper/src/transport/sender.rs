@@ -35,8 +35,13 @@
 //! - `Off`: replication is switched off.
 //!
 //! See the transport module's durability contract for what each outcome means.
+//!
+//! Resync requests ([`Sender::send_request`], [`Sender::wait_reply`]) are
+//! queued in the same output queue as operations, so the receiver answers
+//! each one after applying every operation queued before it. A request
+//! outstanding when the connection ends fails with [`RequestFailed::Lost`].
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{self, BufWriter, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -48,6 +53,7 @@ use std::time::{Duration, Instant};
 use safekit_protocol::auth::{self, Hello, PROTOCOL_VERSION, Proof};
 use safekit_protocol::frame::{EncodedBody, FrameDecoder, HEADER_LEN, Message};
 use safekit_protocol::replication::{Op, RelPath, TouchedFile};
+use safekit_protocol::resync::{ReplyBody, RequestBody, ResyncRequest};
 
 use super::{TransportError, kind_name, random_nonce, receive, send};
 use crate::dirty::DirtyLog;
@@ -193,6 +199,33 @@ struct State {
     failed_with_waiter: HashSet<u64>,
     last_ack_at: Instant,
     stats: SenderStats,
+    /// Outstanding resync requests by id, with their reply once it arrived.
+    requests: HashMap<u64, Option<ReplyBody>>,
+    next_request_id: u64,
+}
+
+/// An outstanding resync request (see [`Sender::send_request`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestTicket {
+    id: u64,
+    generation: u64,
+}
+
+/// Why a resync request got no answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestFailed {
+    /// The sender is not `Replicating`.
+    #[error("the sender is not replicating")]
+    NotReplicating,
+    /// The connection ended before the answer came.
+    #[error("the replication connection was lost")]
+    Lost,
+    /// No answer within the time given.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    /// The request could not be encoded.
+    #[error("cannot encode the request: {0}")]
+    Encode(String),
 }
 
 #[derive(Debug)]
@@ -238,6 +271,8 @@ impl Sender {
                 generation: 0,
                 failed_with_waiter: HashSet::new(),
                 last_ack_at: Instant::now(),
+                requests: HashMap::new(),
+                next_request_id: 1,
                 stats: SenderStats {
                     role,
                     connected: false,
@@ -330,6 +365,86 @@ impl Sender {
     /// The dirty log this sender records into.
     pub fn dirty_log(&self) -> &Arc<DirtyLog> {
         &self.shared.config.dirty_log
+    }
+
+    /// Queues a resync request behind every operation queued so far.
+    ///
+    /// # Errors
+    /// [`RequestFailed::NotReplicating`] unless the role is `Replicating`.
+    pub fn send_request(&self, body: RequestBody) -> Result<RequestTicket, RequestFailed> {
+        let mut state = self.shared.lock();
+        if state.role != Role::Replicating {
+            return Err(RequestFailed::NotReplicating);
+        }
+        let id = state.next_request_id;
+        state.next_request_id += 1;
+        let message = Message::ResyncRequest(ResyncRequest { id, body });
+        let encoded =
+            EncodedBody::new(&message).map_err(|error| RequestFailed::Encode(error.to_string()))?;
+        state.outq.push_back(OutFrame {
+            header: encoded.header(0),
+            body: encoded,
+        });
+        state.requests.insert(id, None);
+        self.shared.outq_ready.notify_one();
+        Ok(RequestTicket {
+            id,
+            generation: state.generation,
+        })
+    }
+
+    /// Waits for the answer to a request, at most `timeout`.
+    ///
+    /// # Errors
+    /// [`RequestFailed::Lost`] if the connection ended (or the role changed)
+    /// first, [`RequestFailed::Timeout`] after `timeout`.
+    pub fn wait_reply(
+        &self,
+        ticket: RequestTicket,
+        timeout: Duration,
+    ) -> Result<ReplyBody, RequestFailed> {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.shared.lock();
+        loop {
+            if state.generation != ticket.generation || state.role != Role::Replicating {
+                state.requests.remove(&ticket.id);
+                return Err(RequestFailed::Lost);
+            }
+            match state.requests.get(&ticket.id) {
+                None => return Err(RequestFailed::Lost),
+                Some(Some(_)) => {
+                    let reply = state
+                        .requests
+                        .remove(&ticket.id)
+                        .flatten()
+                        .expect("the reply is there");
+                    return Ok(reply);
+                }
+                Some(None) => {}
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                state.requests.remove(&ticket.id);
+                return Err(RequestFailed::Timeout(timeout));
+            }
+            state = self
+                .shared
+                .changed
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// Where the stream is: `(issued, settled)`. Every operation with a
+    /// sequence number below `issued` has been queued; every one below
+    /// `settled` is acknowledged by the peer or recorded durably in the dirty
+    /// log. While `Alone` or `Off`, no sequence numbers are issued and
+    /// `settled == issued`.
+    pub fn stream_position(&self) -> (u64, u64) {
+        let state = self.shared.lock();
+        let settled = (state.acked_seq + 1).max(state.resolved_below);
+        (state.next_seq, settled.min(state.next_seq))
     }
 }
 
@@ -589,6 +704,7 @@ impl Shared {
         state.outq.clear();
         state.in_flight_bytes = 0;
         state.failed_with_waiter.clear();
+        state.requests.clear();
         if let Some(stream) = state.connection.take() {
             let _ = stream.shutdown(Shutdown::Both);
         }
@@ -907,6 +1023,20 @@ fn reader_loop(shared: &Shared, mut stream: TcpStream, mut decoder: FrameDecoder
                     body,
                 });
                 shared.outq_ready.notify_one();
+            }
+            Message::ResyncReply(reply) => {
+                let mut state = shared.lock();
+                if state.generation != generation {
+                    return;
+                }
+                match state.requests.get_mut(&reply.id) {
+                    Some(slot @ None) => {
+                        *slot = Some(reply.body);
+                        shared.changed.notify_all();
+                    }
+                    // A request whose waiter gave up (timeout): drop the late answer.
+                    _ => tracing::debug!(id = reply.id, "resync reply nobody waits for"),
+                }
             }
             Message::Pong => {}
             Message::Bye => break "the peer said goodbye".to_owned(),

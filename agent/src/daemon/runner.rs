@@ -1,0 +1,714 @@
+//! One module's runner: the task that owns its state machine and executes its actions.
+//!
+//! Everything that happens to the module arrives on one channel as a
+//! [`RunnerEvent`] (operator commands with the caller's identity, heartbeats
+//! accepted by the receiver threads, script outcomes, data-path reports), or
+//! is a tick at the machine's [`Machine::next_deadline`]. The runner turns each
+//! into a core [`Event`], calls [`Machine::handle`] (the only place where this
+//! module's decisions are made), and executes the returned [`Action`]s in
+//! order:
+//!
+//! - `PersistState` is written with [`crate::persist::write_atomic`] and
+//!   awaited before the next action (a new generation is on disk before
+//!   `start_prim` runs). If it cannot be written the agent exits: the peer
+//!   then sees a clean loss of heartbeats instead of a node acting on state it
+//!   could not record.
+//! - `RunScript` spawns the script (SafeKit arguments, environment and
+//!   timeouts, from [`crate::scripts`]); its outcome comes back as an event,
+//!   so the runner keeps answering heartbeats and commands meanwhile.
+//! - `TakeVip`/`ReleaseVip` use netlink ([`crate::vip`]) on the interface
+//!   named in the config or else the one whose subnet holds the address, and
+//!   gratuitous ARP ([`crate::arp`]) when `arpreroute="on"`: a burst at once,
+//!   then SafeKit's series every `arpinterval` for `arpelapse`.
+//! - Data-path actions go to the module's [`DataPath`].
+//! - Logs and state changes go to the module log ([`crate::modlog`]) and to
+//!   `tracing` (one `info` event with `from`, `to`, `reason` per change).
+//!
+//! After every event the runner publishes the module's status (for
+//! `safekit state`) and the heartbeat payload (for the sender thread).
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use safekit_core::cluster::{
+    Action, Command, Event, Level as CoreLevel, Machine, ReplicationRole, Script, SecondPhase,
+    State,
+};
+use safekit_protocol::admin::{AdminResponse, ModuleStatus, Verb};
+use safekit_protocol::heartbeat::Heartbeat;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::heartbeat::SharedStatus;
+use super::load::ModuleSetup;
+use crate::datapath::{DataPath, DataPathEvent};
+use crate::modlog::{self, ModLog};
+use crate::scripts::{self, AppLog, ScriptCall, ScriptEnv};
+use crate::vip::Netlink;
+
+/// Everything a module's runner reacts to, besides its own ticks.
+#[derive(Debug)]
+pub enum RunnerEvent {
+    /// An operator verb; the answer goes back on `reply`.
+    Control {
+        /// The verb.
+        verb: Verb,
+        /// Who asked (`root`, `admin@10.0.0.1`, a checker's identity).
+        caller: String,
+        /// Where to answer.
+        reply: oneshot::Sender<AdminResponse>,
+    },
+    /// An authenticated, fresh heartbeat from the peer.
+    Heartbeat(Heartbeat),
+    /// A script returned.
+    ScriptFinished {
+        /// Which.
+        script: Script,
+        /// Exit status 0 (or the hook is absent).
+        success: bool,
+    },
+    /// A report of the data path.
+    DataPath(DataPathEvent),
+}
+
+/// One configured virtual IP.
+#[derive(Debug, Clone)]
+struct VipSpec {
+    addr: IpAddr,
+    ifname: Option<String>,
+    arpreroute: bool,
+    arpinterval: Duration,
+    arpelapse: Duration,
+}
+
+/// The runner of one module.
+#[derive(Debug)]
+pub struct Runner {
+    setup: ModuleSetup,
+    machine: Machine,
+    origin: Instant,
+    events: mpsc::UnboundedSender<RunnerEvent>,
+    modlog: ModLog,
+    applog: AppLog,
+    script_env: ScriptEnv,
+    scripts_enabled: bool,
+    state_path: PathBuf,
+    netlink: Option<Netlink>,
+    vips: Vec<VipSpec>,
+    vip_held: Vec<(String, IpAddr)>,
+    arp_tasks: Vec<tokio::task::JoinHandle<()>>,
+    datapath: Box<dyn DataPath>,
+    status: watch::Sender<ModuleStatus>,
+    heartbeat_status: SharedStatus,
+}
+
+/// What [`Runner::new`] needs besides the module's setup.
+#[derive(Debug)]
+pub struct RunnerParts {
+    /// The machine, built from the persisted state.
+    pub machine: Machine,
+    /// The agent's time origin (`now` for the machine is `Instant::now() - origin`).
+    pub origin: Instant,
+    /// A sender to the runner's own channel (for script outcomes).
+    pub events: mpsc::UnboundedSender<RunnerEvent>,
+    /// The module log.
+    pub modlog: ModLog,
+    /// The script environment.
+    pub script_env: ScriptEnv,
+    /// `SAFEVAR/modules/<AM>/state`.
+    pub state_path: PathBuf,
+    /// The data path.
+    pub datapath: Box<dyn DataPath>,
+    /// Where the status for `safekit state` is published.
+    pub status: watch::Sender<ModuleStatus>,
+    /// Where the heartbeat payload is published.
+    pub heartbeat_status: SharedStatus,
+}
+
+impl Runner {
+    /// A runner for `setup`.
+    pub fn new(setup: ModuleSetup, parts: RunnerParts) -> Runner {
+        let user = setup.config.service.user.clone();
+        let applog = AppLog {
+            path: parts.script_env.uservar.join("userlog.ulog"),
+            max_bytes: u64::from(user.as_ref().map_or(2048, |user| user.userlogsize)) * 1024,
+        };
+        let vips = setup
+            .config
+            .service
+            .vip
+            .iter()
+            .flat_map(|vip| vip.interface_list.iter())
+            .flat_map(|interface| {
+                interface
+                    .real_interface
+                    .iter()
+                    .flat_map(|real| real.virtual_addr.iter())
+                    .filter_map(move |virtual_addr| {
+                        let text = virtual_addr.addr.trim_start_matches('[').trim_end_matches(']');
+                        match text.parse::<IpAddr>() {
+                            Ok(addr) => Some(VipSpec {
+                                addr,
+                                ifname: interface.name.clone(),
+                                arpreroute: interface.arpreroute,
+                                arpinterval: interface.arpinterval,
+                                arpelapse: interface.arpelapse,
+                            }),
+                            Err(_) => {
+                                tracing::error!(addr = %virtual_addr.addr, "virtual IP is not an IP address (host names are not resolved yet); ignored");
+                                None
+                            }
+                        }
+                    })
+            })
+            .collect();
+        Runner {
+            scripts_enabled: user.is_some(),
+            setup,
+            machine: parts.machine,
+            origin: parts.origin,
+            events: parts.events,
+            modlog: parts.modlog,
+            applog,
+            script_env: parts.script_env,
+            state_path: parts.state_path,
+            netlink: None,
+            vips,
+            vip_held: Vec::new(),
+            arp_tasks: Vec::new(),
+            datapath: parts.datapath,
+            status: parts.status,
+            heartbeat_status: parts.heartbeat_status,
+        }
+    }
+
+    fn now(&self) -> Duration {
+        self.origin.elapsed()
+    }
+
+    /// Runs until every sender of the channel is gone.
+    ///
+    /// # Cancel safety
+    /// Not meant to be cancelled: it is spawned as the module's task.
+    pub async fn run(mut self, mut events: mpsc::UnboundedReceiver<RunnerEvent>) {
+        match Netlink::connect() {
+            Ok(netlink) => self.netlink = Some(netlink),
+            Err(error) => {
+                tracing::error!(%error, "netlink unavailable: the virtual IP cannot be managed");
+                self.modlog.log(
+                    modlog::Level::Critical,
+                    format!("Virtual IP management unavailable: {error}"),
+                );
+            }
+        }
+        // A stopped module holds no virtual IP, even if a killed agent left one behind.
+        self.release_vip().await;
+        self.modlog.log(
+            modlog::Level::Event,
+            format!(
+                "Module started by the agent in STOP (module id {}, heartbeat port {}, {})",
+                self.setup.id.get(),
+                self.setup.ports.heartbeat,
+                if self.machine.persistent().up_to_date {
+                    "data up to date"
+                } else {
+                    "data not known to be up to date"
+                }
+            ),
+        );
+        self.publish();
+        loop {
+            let deadline = self
+                .machine
+                .next_deadline()
+                .map(|at| tokio::time::Instant::from_std(self.origin + at));
+            let event = tokio::select! {
+                received = events.recv() => match received {
+                    Some(event) => Some(event),
+                    None => return,
+                },
+                () = sleep_until_or_forever(deadline) => None,
+            };
+            match event {
+                None => {
+                    let actions = self.machine.handle(self.now(), Event::Tick);
+                    self.execute(actions, None).await;
+                }
+                Some(RunnerEvent::Control {
+                    verb,
+                    caller,
+                    reply,
+                }) => {
+                    let response = self.control(verb, &caller).await;
+                    // The caller may have given up waiting; nothing to do then.
+                    let _ = reply.send(response);
+                }
+                Some(RunnerEvent::Heartbeat(heartbeat)) => {
+                    let actions = self
+                        .machine
+                        .handle(self.now(), Event::HeartbeatReceived(heartbeat));
+                    self.execute(actions, None).await;
+                }
+                Some(RunnerEvent::ScriptFinished { script, success }) => {
+                    let actions = self
+                        .machine
+                        .handle(self.now(), Event::ScriptFinished { script, success });
+                    self.execute(actions, None).await;
+                }
+                Some(RunnerEvent::DataPath(report)) => {
+                    let event = match report {
+                        DataPathEvent::ResyncProgress(percent) => Event::ResyncProgress { percent },
+                        DataPathEvent::ResyncCompleted => Event::ResyncCompleted,
+                        DataPathEvent::ResyncFailed(reason) => Event::ResyncFailed { reason },
+                        DataPathEvent::PeerLost => Event::ReplicationPeerLost,
+                    };
+                    let actions = self.machine.handle(self.now(), event);
+                    self.execute(actions, None).await;
+                }
+            }
+            self.publish();
+        }
+    }
+
+    async fn control(&mut self, verb: Verb, caller: &str) -> AdminResponse {
+        let command = match verb {
+            Verb::Start => Command::Start,
+            Verb::Stop => Command::Stop,
+            Verb::ForceStop => Command::ForceStop,
+            Verb::Restart => Command::Restart,
+            Verb::Swap => Command::Swap,
+            Verb::Prim => Command::Prim,
+            Verb::PrimForce => Command::PrimForce,
+            Verb::Second => Command::Second,
+            Verb::StopStart => {
+                return AdminResponse::Refused {
+                    reason: "stopstart is not supported yet: run stop, then start".into(),
+                };
+            }
+        };
+        self.modlog.log(
+            modlog::Level::Info,
+            format!("Command {} received from {caller}", verb.name()),
+        );
+        let actions = self.machine.handle(
+            self.now(),
+            Event::Command {
+                command,
+                caller: caller.to_string(),
+            },
+        );
+        let mut refusal = None;
+        self.execute(actions, Some(&mut refusal)).await;
+        match refusal {
+            Some(reason) => AdminResponse::Refused { reason },
+            None => AdminResponse::Ok {
+                message: format!(
+                    "{} {}: done, now {}",
+                    verb.name(),
+                    self.setup.name,
+                    self.machine.state()
+                ),
+            },
+        }
+    }
+
+    async fn execute(&mut self, actions: Vec<Action>, mut refusal: Option<&mut Option<String>>) {
+        for action in actions {
+            match action {
+                Action::PersistState(persistent) => {
+                    let path = self.state_path.clone();
+                    let bytes = persistent.encode();
+                    let written = tokio::task::spawn_blocking(move || {
+                        crate::persist::write_atomic(&path, &bytes)
+                    })
+                    .await;
+                    let error = match written {
+                        Ok(Ok(())) => None,
+                        Ok(Err(error)) => Some(error.to_string()),
+                        Err(join_error) => Some(join_error.to_string()),
+                    };
+                    if let Some(error) = error {
+                        tracing::error!(%error, "cannot persist the module state; exiting so the peer takes over");
+                        self.modlog.log(
+                            modlog::Level::Critical,
+                            format!("Cannot write the module state ({error}): agent exits"),
+                        );
+                        self.modlog.flush().await;
+                        std::process::exit(1);
+                    }
+                }
+                Action::RunScript(script) => self.spawn_script(script),
+                Action::TakeVip => self.take_vip().await,
+                Action::ReleaseVip => self.release_vip().await,
+                Action::SetReplicationRole(role) => {
+                    if let Err(error) = self.datapath.set_role(role) {
+                        tracing::error!(%error, "data path role change failed");
+                        self.modlog.log(modlog::Level::Critical, error.to_string());
+                        if matches!(role, ReplicationRole::Primary | ReplicationRole::Secondary) {
+                            let _ = self
+                                .events
+                                .send(RunnerEvent::DataPath(DataPathEvent::PeerLost));
+                        }
+                    }
+                }
+                Action::StartResync { kind } => {
+                    self.modlog.log(
+                        modlog::Level::Event,
+                        format!("Reintegration started ({kind:?})"),
+                    );
+                    if let Err(error) = self.datapath.start_resync(kind) {
+                        let _ =
+                            self.events
+                                .send(RunnerEvent::DataPath(DataPathEvent::ResyncFailed(
+                                    error.to_string(),
+                                )));
+                    }
+                }
+                Action::SetAsideDivergedFiles { since, reason } => {
+                    let message = match self.datapath.set_aside(since) {
+                        Ok(Some(folder)) => format!(
+                            "Split brain recovery ({reason}): files changed here were moved to {}",
+                            folder.display()
+                        ),
+                        Ok(None) => format!(
+                            "Split brain recovery ({reason}): no replicated file to set aside"
+                        ),
+                        Err(error) => format!("Split brain recovery ({reason}): {error}"),
+                    };
+                    self.modlog.log(modlog::Level::Event, message);
+                }
+                Action::Log { level, message } => {
+                    let level = match level {
+                        // Operator and heart actions are SafeKit's `U` lines of the main log.
+                        CoreLevel::Info if message.starts_with("Action ") => modlog::Level::User,
+                        CoreLevel::Info => modlog::Level::Info,
+                        CoreLevel::Warn => modlog::Level::Event,
+                        CoreLevel::Error => modlog::Level::Critical,
+                    };
+                    self.modlog.log(level, message);
+                }
+                Action::StateChanged { from, to, reason } => {
+                    tracing::info!(from = %from, to = %to, reason = %reason, "state changed");
+                    self.modlog
+                        .log(modlog::Level::Event, format!("{from} -> {to}: {reason}"));
+                }
+                Action::RefuseCommand { command, reason } => {
+                    tracing::info!(command = command.name(), %reason, "command refused");
+                    if let Some(slot) = refusal.as_deref_mut() {
+                        *slot = Some(reason);
+                    }
+                }
+            }
+        }
+    }
+
+    fn spawn_script(&self, script: Script) {
+        let state = self.machine.state();
+        let timeouts = self.setup.script_timeouts();
+        let (name, force, action, next, timeout) = match script {
+            Script::StartPrim => ("start_prim", false, "start", state, timeouts.start),
+            Script::StopPrim { force } => (
+                "stop_prim",
+                force,
+                "stop",
+                State::Stop,
+                if force {
+                    timeouts.force_stop
+                } else {
+                    timeouts.nice_stop
+                },
+            ),
+        };
+        let events = self.events.clone();
+        if !self.scripts_enabled {
+            tracing::debug!(
+                script = name,
+                "no <user> in userconfig.xml: scripts are not run"
+            );
+            let _ = events.send(RunnerEvent::ScriptFinished {
+                script,
+                success: true,
+            });
+            return;
+        }
+        let env = self.script_env.clone();
+        let applog = self.applog.clone();
+        let modlog = self.modlog.clone();
+        let current = state.name();
+        let next = next.name();
+        tokio::spawn(async move {
+            let call = ScriptCall {
+                name,
+                current_state: current,
+                next_state: next,
+                action,
+                force,
+                timeout,
+            };
+            let success = match scripts::run_script(&env, &applog, &call).await {
+                Ok(outcome) => {
+                    let level = if outcome.is_success() {
+                        modlog::Level::Script
+                    } else {
+                        modlog::Level::Critical
+                    };
+                    modlog.log(
+                        level,
+                        format!("Script {} {}: {outcome}", name, call.arguments().join(" ")),
+                    );
+                    outcome.is_success()
+                }
+                Err(error) => {
+                    modlog.log(modlog::Level::Critical, format!("Script {name}: {error}"));
+                    false
+                }
+            };
+            let _ = events.send(RunnerEvent::ScriptFinished { script, success });
+        });
+    }
+
+    async fn take_vip(&mut self) {
+        let Some(netlink) = self.netlink.clone() else {
+            return;
+        };
+        for vip in self.vips.clone() {
+            let choice = match &vip.ifname {
+                Some(ifname) => netlink.list_addresses().await.map(|addresses| {
+                    let prefix_len = addresses
+                        .iter()
+                        .find(|address| {
+                            &address.ifname == ifname
+                                && crate::vip::subnet_contains(
+                                    address.addr,
+                                    address.prefix_len,
+                                    vip.addr,
+                                )
+                        })
+                        .map_or(if vip.addr.is_ipv4() { 32 } else { 128 }, |address| {
+                            address.prefix_len
+                        });
+                    (ifname.clone(), prefix_len)
+                }),
+                None => netlink
+                    .find_interface_for(vip.addr)
+                    .await
+                    .map(|choice| (choice.ifname, choice.prefix_len)),
+            };
+            let (ifname, prefix_len) = match choice {
+                Ok(choice) => choice,
+                Err(error) => {
+                    self.modlog.log(
+                        modlog::Level::Critical,
+                        format!("Virtual IP {} not set: {error}", vip.addr),
+                    );
+                    continue;
+                }
+            };
+            match netlink.add_address(&ifname, vip.addr, prefix_len).await {
+                Ok(_) => {
+                    self.modlog.log(
+                        modlog::Level::Event,
+                        format!("Virtual IP {}/{prefix_len} set on {ifname}", vip.addr),
+                    );
+                    self.vip_held.push((ifname.clone(), vip.addr));
+                    if let (true, IpAddr::V4(v4)) = (vip.arpreroute, vip.addr) {
+                        let rounds = u32::try_from(
+                            vip.arpelapse.as_millis() / vip.arpinterval.as_millis().max(1),
+                        )
+                        .unwrap_or(u32::MAX);
+                        let interval = vip.arpinterval;
+                        self.arp_tasks.push(tokio::spawn(async move {
+                            // A burst at once for the failover, then SafeKit's slow series.
+                            let burst =
+                                crate::arp::announce(&ifname, v4, 3, Duration::from_millis(100))
+                                    .await;
+                            if let Err(error) = burst {
+                                tracing::warn!(%error, "gratuitous ARP failed");
+                                return;
+                            }
+                            tokio::time::sleep(interval).await;
+                            if let Err(error) =
+                                crate::arp::announce(&ifname, v4, rounds, interval).await
+                            {
+                                tracing::warn!(%error, "gratuitous ARP failed");
+                            }
+                        }));
+                    }
+                }
+                Err(error) => self.modlog.log(
+                    modlog::Level::Critical,
+                    format!("Virtual IP {} not set on {ifname}: {error}", vip.addr),
+                ),
+            }
+        }
+    }
+
+    async fn release_vip(&mut self) {
+        for task in self.arp_tasks.drain(..) {
+            task.abort();
+        }
+        let Some(netlink) = self.netlink.clone() else {
+            return;
+        };
+        self.vip_held.clear();
+        let addresses = match netlink.list_addresses().await {
+            Ok(addresses) => addresses,
+            Err(error) => {
+                tracing::error!(%error, "cannot list addresses to release the virtual IP");
+                return;
+            }
+        };
+        for vip in &self.vips {
+            for address in addresses.iter().filter(|address| address.addr == vip.addr) {
+                match netlink.remove_address(&address.ifname, vip.addr).await {
+                    Ok(true) => self.modlog.log(
+                        modlog::Level::Event,
+                        format!("Virtual IP {} removed from {}", vip.addr, address.ifname),
+                    ),
+                    Ok(false) => {}
+                    Err(error) => self.modlog.log(
+                        modlog::Level::Critical,
+                        format!("Virtual IP {} not removed: {error}", vip.addr),
+                    ),
+                }
+            }
+        }
+    }
+
+    fn publish(&self) {
+        let payload = self.machine.heartbeat_payload();
+        match self.heartbeat_status.lock() {
+            Ok(mut guard) => *guard = payload,
+            Err(poisoned) => *poisoned.into_inner() = payload,
+        }
+        self.status.send_replace(self.render());
+    }
+
+    fn render(&self) -> ModuleStatus {
+        let state = self.machine.state();
+        let readiness = if self.machine.is_transient() {
+            "Transient"
+        } else if matches!(state, State::Stop | State::Wait(_)) {
+            "NotReady"
+        } else {
+            "Ready"
+        };
+        let mut details: Vec<(String, String)> = vec![
+            ("state".into(), state.to_string()),
+            ("readiness".into(), readiness.into()),
+            ("module id".into(), self.setup.id.get().to_string()),
+            (
+                "data".into(),
+                if self.machine.persistent().up_to_date {
+                    "up to date".into()
+                } else {
+                    "not known to be up to date".into()
+                },
+            ),
+        ];
+        let peer = match self.machine.peer_state() {
+            Some(peer_state) => format!(
+                "{} {}",
+                self.setup.params.peer,
+                format!("{peer_state:?}").to_uppercase()
+            ),
+            None => format!("{} unknown (no heartbeat)", self.setup.params.peer),
+        };
+        details.push(("peer".into(), peer));
+        for lan in self.machine.lans() {
+            let endpoints = self
+                .setup
+                .lans
+                .iter()
+                .find(|endpoints| endpoints.name == lan.name);
+            details.push((
+                format!("lan {}", lan.name),
+                format!(
+                    "{}{}{}",
+                    if lan.up { "up" } else { "down" },
+                    if lan.flow { " (replication)" } else { "" },
+                    endpoints.map_or(String::new(), |endpoints| format!(
+                        ", heartbeat {} -> {}",
+                        endpoints.local, endpoints.peer
+                    )),
+                ),
+            ));
+        }
+        for vip in &self.vips {
+            let held = self.vip_held.iter().find(|(_, addr)| *addr == vip.addr);
+            details.push((
+                "vip".into(),
+                match held {
+                    Some((ifname, addr)) => format!("{addr} set on {ifname}"),
+                    None => format!("{} not set", vip.addr),
+                },
+            ));
+        }
+        if state == State::Second(SecondPhase::Resyncing) {
+            details.push((
+                "resync".into(),
+                format!("{}%", self.machine.resync_percent()),
+            ));
+        }
+        if let Some(transition) = self.machine.last_transition() {
+            let ago = self.now().saturating_sub(transition.at);
+            details.push((
+                "last transition".into(),
+                format!(
+                    "{} -> {}: {} ({:.1} s ago)",
+                    transition.from,
+                    transition.to,
+                    transition.reason,
+                    ago.as_secs_f64()
+                ),
+            ));
+        }
+        details.extend(self.datapath.stats().details);
+        ModuleStatus {
+            module: self.setup.name.clone(),
+            node: self.setup.params.node.clone(),
+            state: state.name().into(),
+            readiness: readiness.into(),
+            details,
+        }
+    }
+}
+
+/// Sleeps until `deadline`, or forever without one.
+///
+/// # Cancel safety
+/// Cancel safe: nothing is lost when dropped.
+async fn sleep_until_or_forever(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The shared handles other parts of the agent keep for a running module.
+#[derive(Debug, Clone)]
+pub struct ModuleHandle {
+    /// The module's name.
+    pub name: String,
+    /// The runner's channel.
+    pub events: mpsc::UnboundedSender<RunnerEvent>,
+    /// The latest status.
+    pub status: watch::Receiver<ModuleStatus>,
+    /// The module log.
+    pub modlog: ModLog,
+}
+
+/// A shared, immutable list of modules (and of the ones that could not start).
+#[derive(Debug, Default)]
+pub struct Registry {
+    /// Running modules by name.
+    pub modules: std::collections::BTreeMap<String, ModuleHandle>,
+    /// Modules not started, with their configuration errors.
+    pub rejected: std::collections::BTreeMap<String, Vec<String>>,
+    /// This node's name.
+    pub node: String,
+}
+
+/// The registry, shared by the admin socket's connections.
+pub type SharedRegistry = Arc<Registry>;

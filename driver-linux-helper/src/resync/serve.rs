@@ -1,0 +1,127 @@
+//! The receiver's side of resync: answers questions about the replica.
+//!
+//! Called by the receiver's session thread for each `ResyncRequest`, in stream
+//! order, so an answer reflects every operation queued before the question
+//! (see [`safekit_protocol::resync`]). Reads go through [`super::tree`]
+//! beneath the replica's directory descriptors; a request never changes the
+//! replica. Checksum requests are bounded by the protocol (at most
+//! [`MAX_BLOCKS_PER_REQUEST`] blocks), so one answer holds up live operations
+//! for at most the time to read and hash that much.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+
+use rustix::fs::{Mode, OFlags};
+use safekit_protocol::resync::{
+    EntryKind, MAX_BLOCKS_PER_REQUEST, MAX_LIST_ENTRIES, ReplyBody, RequestBody, ResyncReply,
+    ResyncRequest,
+};
+
+use super::tree;
+
+/// Answers one request about the replica beneath `dirs` (index = replicated directory).
+pub fn answer(dirs: &[OwnedFd], request: &ResyncRequest) -> ResyncReply {
+    let body = match body(dirs, &request.body) {
+        Ok(body) => body,
+        Err(error) => {
+            tracing::debug!(%error, "cannot answer a resync request");
+            ReplyBody::Failed {
+                errno: error.raw_os_error().unwrap_or(libc::EIO),
+            }
+        }
+    };
+    ResyncReply {
+        id: request.id,
+        body,
+    }
+}
+
+fn root(dirs: &[OwnedFd], dir: u16) -> io::Result<std::os::fd::BorrowedFd<'_>> {
+    dirs.get(usize::from(dir))
+        .map(AsFd::as_fd)
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::EBADF))
+}
+
+fn body(dirs: &[OwnedFd], request: &RequestBody) -> io::Result<ReplyBody> {
+    match request {
+        RequestBody::Stat { dir, path } => Ok(ReplyBody::Stat(
+            tree::lstat(root(dirs, *dir)?, path)?.map(|(_, meta)| meta),
+        )),
+        RequestBody::Checksums {
+            dir,
+            path,
+            block_size,
+            first_block,
+            count,
+        } => {
+            let root = root(dirs, *dir)?;
+            let Some((_, meta)) = tree::lstat(root, path)? else {
+                return Ok(ReplyBody::Checksums {
+                    meta: None,
+                    hashes: Vec::new(),
+                });
+            };
+            if meta.kind != EntryKind::File {
+                return Ok(ReplyBody::Checksums {
+                    meta: Some(meta),
+                    hashes: Vec::new(),
+                });
+            }
+            let Some((fd, stat)) = tree::open_regular(root, path)? else {
+                return Ok(ReplyBody::Checksums {
+                    meta: Some(meta),
+                    hashes: Vec::new(),
+                });
+            };
+            let meta = tree::meta(&stat, Vec::new());
+            let block_size = u64::from(*block_size);
+            let mut buf = vec![0u8; usize::try_from(block_size).unwrap_or(usize::MAX)];
+            let mut hashes = Vec::new();
+            for block in (*first_block..).take((*count).min(MAX_BLOCKS_PER_REQUEST) as usize) {
+                let Some(offset) = block.checked_mul(block_size) else {
+                    break;
+                };
+                if offset >= meta.size {
+                    break;
+                }
+                let n = tree::read_at(&fd, &mut buf, offset)?;
+                if n == 0 {
+                    break;
+                }
+                hashes.push(tree::hash(&buf[..n]));
+            }
+            Ok(ReplyBody::Checksums {
+                meta: Some(meta),
+                hashes,
+            })
+        }
+        RequestBody::ListDir {
+            dir,
+            path,
+            start_after,
+        } => {
+            let mut entries = tree::list_dir(root(dirs, *dir)?, path)?;
+            if let Some(after) = start_after {
+                entries.retain(|entry| entry.name > *after);
+            }
+            let more = entries.len() > MAX_LIST_ENTRIES as usize;
+            entries.truncate(MAX_LIST_ENTRIES as usize);
+            Ok(ReplyBody::ListDir { entries, more })
+        }
+        RequestBody::Barrier { durable } => {
+            if *durable {
+                for dir in dirs {
+                    // syncfs refuses O_PATH descriptors: reopen the directory for reading.
+                    let readable = rustix::fs::open(
+                        format!("/proc/self/fd/{}", dir.as_raw_fd()).as_str(),
+                        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                        Mode::empty(),
+                    )
+                    .map_err(io::Error::from)?;
+                    rustix::fs::syncfs(&readable).map_err(io::Error::from)?;
+                }
+            }
+            Ok(ReplyBody::Barrier)
+        }
+    }
+}

@@ -1,0 +1,207 @@
+//! Reading a replicated tree beneath its directory descriptor, on either node.
+//!
+//! The resync engine reads the primary's underlying tree, and the receiver
+//! answers questions about the replica's, both through a directory descriptor
+//! opened before any mount and never by absolute path. Paths are resolved with
+//! `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)`
+//! (one component at a time with `O_NOFOLLOW` where `openat2` is missing), the
+//! final component is examined with `lstat` semantics, and a file is opened for
+//! reading only after an `O_PATH | O_NOFOLLOW` probe showed a regular file, so
+//! neither a symlink nor a FIFO can redirect or block a reader.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags, Stat};
+use rustix::io::Errno;
+use safekit_protocol::replication::{RelPath, Timestamp};
+use safekit_protocol::resync::{BlockHash, DirEntry, EntryKind, EntryMeta};
+use sha2::Digest;
+
+fn errno(error: Errno) -> io::Error {
+    io::Error::from(error)
+}
+
+/// Whether an error means "there is nothing at this path" (as opposed to a failure).
+pub(crate) fn is_absent(error: &io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::ENOENT) | Some(libc::ENOTDIR) | Some(libc::ELOOP)
+    )
+}
+
+/// Opens directory `path` beneath `root` with `flags` (plus `O_DIRECTORY | O_CLOEXEC`),
+/// following no symlink.
+pub(crate) fn open_dir(root: BorrowedFd<'_>, path: &RelPath, flags: OFlags) -> io::Result<OwnedFd> {
+    let flags = flags | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    let bytes = path.to_bytes();
+    let target: &[u8] = if bytes.is_empty() { b"." } else { &bytes };
+    let resolve = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
+    match rustix::fs::openat2(root, target, flags, Mode::empty(), resolve) {
+        Ok(fd) => return Ok(fd),
+        Err(Errno::NOSYS) => {}
+        Err(error) => return Err(errno(error)),
+    }
+    let mut current = rustix::fs::openat(root, ".", flags, Mode::empty()).map_err(errno)?;
+    for component in path.components() {
+        current = rustix::fs::openat(
+            &current,
+            component.as_slice(),
+            flags | OFlags::NOFOLLOW,
+            Mode::empty(),
+        )
+        .map_err(errno)?;
+    }
+    Ok(current)
+}
+
+/// The metadata of a `Stat` (and a symlink's target).
+pub(crate) fn meta(stat: &Stat, link_target: Vec<u8>) -> EntryMeta {
+    let kind = match FileType::from_raw_mode(stat.st_mode) {
+        FileType::RegularFile => EntryKind::File,
+        FileType::Directory => EntryKind::Dir,
+        FileType::Symlink => EntryKind::Symlink,
+        _ => EntryKind::Special,
+    };
+    EntryMeta {
+        kind,
+        size: u64::try_from(stat.st_size).unwrap_or(0),
+        mtime: Timestamp {
+            secs: stat.st_mtime,
+            nanos: u32::try_from(stat.st_mtime_nsec).unwrap_or(0),
+        },
+        mode: stat.st_mode,
+        uid: stat.st_uid,
+        gid: stat.st_gid,
+        rdev: stat.st_rdev,
+        link_target,
+    }
+}
+
+fn link_target(parent: &impl AsFd, name: &[u8], stat: &Stat) -> io::Result<Vec<u8>> {
+    if FileType::from_raw_mode(stat.st_mode) == FileType::Symlink {
+        Ok(rustix::fs::readlinkat(parent, name, Vec::new())
+            .map_err(errno)?
+            .into_bytes())
+    } else {
+        Ok(Vec::new())
+    }
+}
+
+/// `lstat` of `path` beneath `root`: `None` when nothing is there.
+///
+/// # Errors
+/// Failures other than absence.
+pub(crate) fn lstat(root: BorrowedFd<'_>, path: &RelPath) -> io::Result<Option<(Stat, EntryMeta)>> {
+    let Some((parent_path, name)) = path.split_last() else {
+        let fd = open_dir(root, path, OFlags::PATH)?;
+        let stat = rustix::fs::fstat(&fd).map_err(errno)?;
+        let meta = meta(&stat, Vec::new());
+        return Ok(Some((stat, meta)));
+    };
+    let parent = match open_dir(root, &parent_path, OFlags::PATH) {
+        Ok(parent) => parent,
+        Err(error) if is_absent(&error) => return Ok(None),
+        Err(error) => return Err(error),
+    };
+    let stat = match rustix::fs::statat(&parent, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(stat) => stat,
+        Err(Errno::NOENT) => return Ok(None),
+        Err(error) => return Err(errno(error)),
+    };
+    let target = link_target(&parent, name, &stat)?;
+    let meta = meta(&stat, target);
+    Ok(Some((stat, meta)))
+}
+
+/// Opens the regular file `path` beneath `root` for reading; `None` when the
+/// path is absent or is not a regular file.
+///
+/// # Errors
+/// Failures other than absence.
+pub(crate) fn open_regular(
+    root: BorrowedFd<'_>,
+    path: &RelPath,
+) -> io::Result<Option<(OwnedFd, Stat)>> {
+    let Some((parent_path, name)) = path.split_last() else {
+        return Ok(None);
+    };
+    let parent = match open_dir(root, &parent_path, OFlags::PATH) {
+        Ok(parent) => parent,
+        Err(error) if is_absent(&error) => return Ok(None),
+        Err(error) => return Err(error),
+    };
+    let probe = match rustix::fs::openat(
+        &parent,
+        name,
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(probe) => probe,
+        Err(Errno::NOENT) => return Ok(None),
+        Err(error) => return Err(errno(error)),
+    };
+    let stat = rustix::fs::fstat(&probe).map_err(errno)?;
+    if FileType::from_raw_mode(stat.st_mode) != FileType::RegularFile {
+        return Ok(None);
+    }
+    let fd = rustix::fs::open(
+        format!("/proc/self/fd/{}", probe.as_raw_fd()).as_str(),
+        OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(errno)?;
+    Ok(Some((fd, stat)))
+}
+
+/// The entries of directory `path` beneath `root`, sorted by name, with `lstat` metadata.
+///
+/// # Errors
+/// The directory cannot be opened or read.
+pub(crate) fn list_dir(root: BorrowedFd<'_>, path: &RelPath) -> io::Result<Vec<DirEntry>> {
+    let fd = open_dir(root, path, OFlags::RDONLY)?;
+    let mut dir = rustix::fs::Dir::read_from(&fd).map_err(errno)?;
+    let mut entries = Vec::new();
+    while let Some(entry) = dir.read() {
+        let entry = entry.map_err(errno)?;
+        let name = entry.file_name().to_bytes();
+        if name == b"." || name == b".." {
+            continue;
+        }
+        let stat = match rustix::fs::statat(&fd, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(stat) => stat,
+            // Removed while we listed: it is simply not there.
+            Err(Errno::NOENT) => continue,
+            Err(error) => return Err(errno(error)),
+        };
+        let target = link_target(&fd, name, &stat)?;
+        entries.push(DirEntry {
+            name: name.to_vec(),
+            meta: meta(&stat, target),
+        });
+    }
+    entries.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(entries)
+}
+
+/// Reads up to `buf.len()` bytes at `offset`, short only at end of file.
+///
+/// # Errors
+/// The read failed.
+pub(crate) fn read_at(fd: &impl AsFd, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match rustix::io::pread(fd, &mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(Errno::INTR) => {}
+            Err(error) => return Err(errno(error)),
+        }
+    }
+    Ok(done)
+}
+
+/// The strong hash of a block.
+pub(crate) fn hash(block: &[u8]) -> BlockHash {
+    sha2::Sha256::digest(block).into()
+}

@@ -1,0 +1,276 @@
+//! Resynchronisation requests and replies, carried in the replication stream itself.
+//!
+//! The resync engine on the primary compares its tree with the replica's by
+//! asking the receiver questions. The questions travel in the **same ordered
+//! stream** as the operations (frame kind `ResyncRequest`), and the receiver
+//! answers one only after it applied every operation queued before it; the
+//! answer (frame kind `ResyncReply`, same `id`) therefore describes the replica
+//! as of that point of the stream. This is what lets the engine compare a
+//! block while the application keeps writing: every operation shipped after
+//! the question is applied after the answer was computed.
+//!
+//! Requests are bounded so that the receiver, which answers on its applying
+//! thread, never stalls live operations for long: a checksum request covers at
+//! most [`MAX_BLOCKS_PER_REQUEST`] blocks of at most [`MAX_BLOCK_SIZE`] bytes,
+//! and a listing returns at most [`MAX_LIST_ENTRIES`] entries (the engine pages
+//! with `start_after`).
+//!
+//! Block hashes are SHA-256 of the block's bytes (the last block of a file may
+//! be short). SHA-256 rather than a weak rolling checksum: the engine compares
+//! fixed-size blocks at equal offsets (see the resync engine's documentation
+//! for why), so no rolling hash is needed, and a strong hash makes a false
+//! "equal" practically impossible.
+
+use serde::{Deserialize, Serialize};
+
+use crate::replication::{RelPath, RelPathError, Timestamp};
+
+/// Most blocks one checksum request may cover.
+pub const MAX_BLOCKS_PER_REQUEST: u32 = 1024;
+
+/// Largest block size a checksum request may use (16 MiB).
+pub const MAX_BLOCK_SIZE: u32 = 16 * 1024 * 1024;
+
+/// Smallest block size a checksum request may use.
+pub const MIN_BLOCK_SIZE: u32 = 4096;
+
+/// Most entries one listing reply carries.
+pub const MAX_LIST_ENTRIES: u32 = 4096;
+
+/// A block's strong hash (SHA-256).
+pub type BlockHash = [u8; 32];
+
+/// The type of a directory entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum EntryKind {
+    /// Regular file.
+    File,
+    /// Directory.
+    Dir,
+    /// Symbolic link.
+    Symlink,
+    /// FIFO, socket, character or block device.
+    Special,
+}
+
+/// Metadata of one entry, as `lstat` gives it (symlinks are never followed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntryMeta {
+    /// Type.
+    pub kind: EntryKind,
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time.
+    pub mtime: Timestamp,
+    /// `st_mode` (type and permission bits).
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Device number of a device node (0 otherwise).
+    pub rdev: u64,
+    /// Target of a symbolic link (empty otherwise).
+    pub link_target: Vec<u8>,
+}
+
+/// One entry of a listing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirEntry {
+    /// The entry's name (one component).
+    pub name: Vec<u8>,
+    /// Its metadata.
+    pub meta: EntryMeta,
+}
+
+/// A question to the receiver.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RequestBody {
+    /// `lstat` of one path.
+    Stat {
+        /// Replicated directory.
+        dir: u16,
+        /// The path.
+        path: RelPath,
+    },
+    /// Metadata and block hashes of blocks `first_block .. first_block + count`
+    /// of a regular file (fewer when the file is shorter).
+    Checksums {
+        /// Replicated directory.
+        dir: u16,
+        /// The file.
+        path: RelPath,
+        /// Block size in bytes, within [`MIN_BLOCK_SIZE`]..=[`MAX_BLOCK_SIZE`].
+        block_size: u32,
+        /// First block.
+        first_block: u64,
+        /// Number of blocks, at most [`MAX_BLOCKS_PER_REQUEST`].
+        count: u32,
+    },
+    /// The entries of a directory, sorted by name, after `start_after` (exclusive).
+    ListDir {
+        /// Replicated directory.
+        dir: u16,
+        /// The directory.
+        path: RelPath,
+        /// Resume after this name (paging).
+        start_after: Option<Vec<u8>>,
+    },
+    /// Answer once everything before this point is applied (and, when
+    /// `durable`, on disk: `syncfs` of every replicated directory).
+    Barrier {
+        /// Also make everything durable.
+        durable: bool,
+    },
+}
+
+/// A question with its identifier (the reply carries the same).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResyncRequest {
+    /// Chosen by the sender, unique among its outstanding requests.
+    pub id: u64,
+    /// The question.
+    pub body: RequestBody,
+}
+
+/// An answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReplyBody {
+    /// Answer to `Stat`: `None` when the path does not exist.
+    Stat(Option<EntryMeta>),
+    /// Answer to `Checksums`: `meta` is `None` when the path does not exist;
+    /// `hashes` is empty when it is not a regular file.
+    Checksums {
+        /// The file's metadata.
+        meta: Option<EntryMeta>,
+        /// One hash per block that exists, from `first_block` on.
+        hashes: Vec<BlockHash>,
+    },
+    /// Answer to `ListDir`.
+    ListDir {
+        /// Entries, sorted by name, at most [`MAX_LIST_ENTRIES`].
+        entries: Vec<DirEntry>,
+        /// More entries follow the last one.
+        more: bool,
+    },
+    /// Answer to `Barrier`.
+    Barrier,
+    /// The receiver could not answer (`errno`), e.g. the directory is missing.
+    Failed {
+        /// The errno.
+        errno: i32,
+    },
+}
+
+/// An answer with the identifier of its question.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResyncReply {
+    /// The question's identifier.
+    pub id: u64,
+    /// The answer.
+    pub body: ReplyBody,
+}
+
+impl ResyncRequest {
+    /// Re-validates paths and bounds (serde cannot run validation while decoding).
+    ///
+    /// # Errors
+    /// Why the first invalid path, block size or count is refused.
+    pub fn validate(&self) -> Result<(), RequestError> {
+        match &self.body {
+            RequestBody::Stat { path, .. } => path.validate().map_err(RequestError::Path),
+            RequestBody::Checksums {
+                path,
+                block_size,
+                count,
+                ..
+            } => {
+                path.validate().map_err(RequestError::Path)?;
+                if !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(block_size) {
+                    return Err(RequestError::BlockSize(*block_size));
+                }
+                if *count > MAX_BLOCKS_PER_REQUEST {
+                    return Err(RequestError::TooManyBlocks(*count));
+                }
+                Ok(())
+            }
+            RequestBody::ListDir {
+                path, start_after, ..
+            } => {
+                path.validate().map_err(RequestError::Path)?;
+                if let Some(name) = start_after {
+                    RelPath::root().join(name).map_err(RequestError::Path)?;
+                }
+                Ok(())
+            }
+            RequestBody::Barrier { .. } => Ok(()),
+        }
+    }
+}
+
+impl ResyncReply {
+    /// Re-validates the names of a listing (a receiver must not make the engine
+    /// build an escaping path).
+    ///
+    /// # Errors
+    /// Why the first invalid name is refused.
+    pub fn validate(&self) -> Result<(), RequestError> {
+        if let ReplyBody::ListDir { entries, .. } = &self.body {
+            for entry in entries {
+                RelPath::root()
+                    .join(&entry.name)
+                    .map_err(RequestError::Path)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why a request or reply was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// A path or name is invalid.
+    #[error("invalid path: {0}")]
+    Path(RelPathError),
+    /// The block size is out of bounds.
+    #[error("block size {0} out of bounds")]
+    BlockSize(u32),
+    /// Too many blocks in one request.
+    #[error("{0} blocks in one request exceed the limit")]
+    TooManyBlocks(u32),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounds_are_checked() {
+        let path = RelPath::parse(b"a/b").expect("valid");
+        let request = |block_size, count| ResyncRequest {
+            id: 1,
+            body: RequestBody::Checksums {
+                dir: 0,
+                path: path.clone(),
+                block_size,
+                first_block: 0,
+                count,
+            },
+        };
+        assert_eq!(request(65536, 16).validate(), Ok(()));
+        assert_eq!(request(1, 16).validate(), Err(RequestError::BlockSize(1)));
+        assert_eq!(
+            request(65536, MAX_BLOCKS_PER_REQUEST + 1).validate(),
+            Err(RequestError::TooManyBlocks(MAX_BLOCKS_PER_REQUEST + 1))
+        );
+        let listing = ResyncRequest {
+            id: 2,
+            body: RequestBody::ListDir {
+                dir: 0,
+                path,
+                start_after: Some(b"..".to_vec()),
+            },
+        };
+        assert!(matches!(listing.validate(), Err(RequestError::Path(_))));
+    }
+}
