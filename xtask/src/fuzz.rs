@@ -64,10 +64,10 @@ fn list_targets(fuzz_dir: &Path) -> anyhow::Result<Vec<String>> {
         std::fs::read_dir(&dir).with_context(|| format!("cannot read {}", dir.display()))?
     {
         let path = entry?.path();
-        if path.extension().is_some_and(|e| e == "rs") {
-            if let Some(stem) = path.file_stem() {
-                targets.push(stem.to_string_lossy().into_owned());
-            }
+        if path.extension().is_some_and(|e| e == "rs")
+            && let Some(stem) = path.file_stem()
+        {
+            targets.push(stem.to_string_lossy().into_owned());
         }
     }
     targets.sort();
