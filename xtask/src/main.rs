@@ -6,6 +6,7 @@
 
 mod bench;
 mod fuzz;
+mod pjdfs;
 mod tidy;
 
 use std::path::{Path, PathBuf};
@@ -43,6 +44,8 @@ enum Task {
         /// Run only this target.
         target: Option<String>,
     },
+    /// Run the pjdfstest POSIX suite on plain ext4 and on our mount (off and replicated), and compare.
+    Pjdfstest,
     /// Check the project's conventions (module docs, SAFETY comments, crate boundaries).
     Tidy,
     /// Benchmark the data path (plain, mount, replicated in each mode) into BENCHMARKS.md; needs root and fio.
@@ -60,6 +63,7 @@ fn main() -> anyhow::Result<()> {
         } => test(&root, fuzz_seconds, no_lint),
         Task::Fuzz { seconds, target } => fuzz::run(&root, seconds, target.as_deref()),
         Task::Tidy => tidy::run(&root),
+        Task::Pjdfstest => pjdfs::run_suite(&root),
         Task::Bench(args) => bench::run(&root, args),
     }
 }
@@ -80,6 +84,7 @@ fn test(root: &Path, fuzz_seconds: u64, no_lint: bool) -> anyhow::Result<()> {
     }
     run(Command::new("cargo").args(["test", "--workspace", "--no-fail-fast"]))
         .context("some tests failed (their output is above)")?;
+    pjdfs::run_suite(root).context("the mount is less POSIX than plain ext4")?;
     if fuzz_seconds > 0 {
         fuzz::run(root, fuzz_seconds, None)?;
     }
