@@ -65,14 +65,26 @@ fn in_private_mount_namespace(test: impl FnOnce(&Path) + Send) {
                 fs::create_dir(&root).expect("create the tmpfs mount point");
                 rustix::mount::mount("tmpfs", &root, "tmpfs", MountFlags::empty(), c"mode=0755")
                     .expect("mount a tmpfs");
+                /// Detaches every mount under the temporary directory, deepest first,
+                /// so that the directory can be removed.
                 struct Unmount(PathBuf);
                 impl Drop for Unmount {
                     fn drop(&mut self) {
-                        // Detaches the tmpfs and everything mounted beneath it.
-                        let _ = rustix::mount::unmount(&self.0, UnmountFlags::DETACH);
+                        let prefix = self.0.to_string_lossy().into_owned();
+                        let text =
+                            fs::read_to_string("/proc/thread-self/mountinfo").unwrap_or_default();
+                        let mut points: Vec<&str> = text
+                            .lines()
+                            .filter_map(|line| line.split(' ').nth(4))
+                            .filter(|point| point.starts_with(prefix.as_str()))
+                            .collect();
+                        points.sort_by_key(|point| std::cmp::Reverse(point.len()));
+                        for point in points {
+                            let _ = rustix::mount::unmount(point, UnmountFlags::DETACH);
+                        }
                     }
                 }
-                let _unmount = Unmount(root.clone());
+                let _unmount = Unmount(tmp.path().to_path_buf());
                 test(&root);
             })
             .join()
@@ -707,6 +719,31 @@ fn the_secondary_replica_is_read_only_for_applications_but_not_for_the_receiver(
         assert!(!SecondaryGuard::is_engaged(&data).expect("mount table"));
         fs::write(data.join("after.txt"), b"writable").expect("writable again");
         fs::remove_file(data.join("a.txt")).expect("unlink works again");
+    });
+}
+
+#[test]
+fn the_read_only_mount_also_reaches_where_the_file_system_is_shared() {
+    in_private_mount_namespace(|root| {
+        let data = root.join("data");
+        fs::create_dir(&data).expect("create the replica");
+        // A peer of the replica's file system mount (as another mount namespace
+        // of the node receiving its mounts would be).
+        rustix::mount::mount_change(root, MountPropagationFlags::SHARED)
+            .expect("make the tmpfs mount shared");
+        let peer = root.with_file_name("peer");
+        fs::create_dir(&peer).expect("create the peer mount point");
+        rustix::mount::mount_bind(root, &peer).expect("bind the file system elsewhere");
+        let mut guard = SecondaryGuard::engage(&[&data]).expect("engage");
+        assert_eq!(errno(fs::write(data.join("x"), b"x")), libc::EROFS);
+        assert_eq!(
+            errno(fs::write(peer.join("data/x"), b"x")),
+            libc::EROFS,
+            "the propagated copy is read-only too"
+        );
+        guard.release().expect("release");
+        fs::write(peer.join("data/x"), b"x").expect("writable again through the peer");
+        fs::write(data.join("y"), b"y").expect("writable again");
     });
 }
 

@@ -60,6 +60,30 @@ pub enum GuardPolicy {
     Deny,
 }
 
+impl std::str::FromStr for GuardPolicy {
+    type Err = String;
+
+    /// `record` or `deny` (as a configuration or command-line value).
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "record" => Ok(GuardPolicy::Record),
+            "deny" => Ok(GuardPolicy::Deny),
+            other => Err(format!(
+                "unknown guard policy {other:?} (expected \"record\" or \"deny\")"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for GuardPolicy {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(match self {
+            GuardPolicy::Record => "record",
+            GuardPolicy::Deny => "deny",
+        })
+    }
+}
+
 /// One access that bypassed the interceptor.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GuardEvent {
@@ -104,4 +128,17 @@ pub enum GuardError {
     /// The reader thread could not be started.
     #[error("cannot start the guard thread: {0}")]
     Thread(#[source] io::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policies_read_back_what_they_print() {
+        for policy in [GuardPolicy::Record, GuardPolicy::Deny] {
+            assert_eq!(policy.to_string().parse::<GuardPolicy>(), Ok(policy));
+        }
+        assert!("refuse".parse::<GuardPolicy>().is_err());
+    }
 }

@@ -78,16 +78,18 @@
 //! open was refused already.
 //!
 //! Every open on the file system waits for the guard's answer: the reader
-//! answers allowed processes first, without any lookup, and never opens a
-//! file on the guarded file system while answering. If the guard's process
-//! dies, the kernel closes the group and allows what was waiting.
+//! thread answers allowed processes first, without any lookup, and never
+//! opens a file on the guarded file system, logs or writes the dirty log
+//! itself (any of these could wait for its own answer); a recorder thread
+//! does that from a bounded queue. If the guard's process dies, the kernel
+//! closes the group and allows what was waiting.
 
 use std::collections::HashSet;
 use std::io::{PipeReader, PipeWriter};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::thread::JoinHandle;
 
@@ -104,6 +106,9 @@ use crate::dirty::DirtyLog;
 
 /// Reports remembered (to report a process and file once) before the memory is reset.
 const MAX_REMEMBERED_REPORTS: usize = 4096;
+
+/// Changes the reader may queue for the recorder before it notes that some were lost.
+const WORK_QUEUE: usize = 65_536;
 
 /// How the primary's guard works.
 #[derive(Debug, Clone)]
@@ -139,6 +144,8 @@ pub struct GuardStats {
     pub denied: AtomicU64,
     /// Times the fanotify queue overflowed (events lost).
     pub overflows: AtomicU64,
+    /// Events of other processes whose file could not be located (not `ESTALE`).
+    pub unresolved: AtomicU64,
     /// Dirty log records that failed.
     pub record_errors: AtomicU64,
     /// Reports dropped because the event channel was full.
@@ -150,6 +157,7 @@ pub struct GuardStats {
 pub struct PrimaryGuard {
     stop: Option<PipeWriter>,
     reader: Option<JoinHandle<()>>,
+    recorder: Option<JoinHandle<()>>,
     stats: Arc<GuardStats>,
 }
 
@@ -324,6 +332,8 @@ impl PrimaryGuard {
         }
         let (stop_reader, stop_writer) = std::io::pipe().map_err(GuardError::Thread)?;
         let (sender, receiver) = std::sync::mpsc::sync_channel(options.event_capacity.max(1));
+        let (work_sender, work_receiver) = std::sync::mpsc::sync_channel(WORK_QUEUE);
+        let work_lost = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(GuardStats::default());
         let mut allowed: HashSet<i32> = options
             .allowed_pids
@@ -331,6 +341,15 @@ impl PrimaryGuard {
             .filter_map(|pid| i32::try_from(*pid).ok())
             .collect();
         allowed.insert(own_pid());
+        let recorder = Recorder {
+            work: work_receiver,
+            work_lost: work_lost.clone(),
+            dir_indices: located.iter().map(|dir| dir.index).collect(),
+            dirty,
+            sender,
+            reported: HashSet::new(),
+            stats: stats.clone(),
+        };
         let reader = Reader {
             groups,
             stop: stop_reader,
@@ -339,19 +358,24 @@ impl PrimaryGuard {
             mounts,
             allowed,
             policy: options.policy,
-            dirty,
-            sender,
-            reported: HashSet::new(),
+            work: work_sender,
+            work_lost,
             stats: stats.clone(),
         };
-        let handle = std::thread::Builder::new()
+        let recorder = std::thread::Builder::new()
+            .name("safekit-guard-rec".to_owned())
+            .spawn(move || recorder.run())
+            .map_err(GuardError::Thread)?;
+        // If the reader cannot start, dropping it ends the recorder (its channel closes).
+        let reader = std::thread::Builder::new()
             .name("safekit-guard".to_owned())
             .spawn(move || reader.run())
             .map_err(GuardError::Thread)?;
         Ok((
             PrimaryGuard {
                 stop: Some(stop_writer),
-                reader: Some(handle),
+                reader: Some(reader),
+                recorder: Some(recorder),
                 stats,
             },
             receiver,
@@ -369,12 +393,16 @@ impl PrimaryGuard {
     }
 
     fn stop_inner(&mut self) {
-        // Closing the write end makes the reader's poll see a hang-up.
+        // Closing the write end makes the reader's poll see a hang-up; the
+        // reader's end drops its work channel, which ends the recorder.
         drop(self.stop.take());
-        if let Some(reader) = self.reader.take()
-            && reader.join().is_err()
+        for thread in [self.reader.take(), self.recorder.take()]
+            .into_iter()
+            .flatten()
         {
-            tracing::error!("the guard thread panicked");
+            if thread.join().is_err() {
+                tracing::error!("a guard thread panicked");
+            }
         }
     }
 }
@@ -385,7 +413,28 @@ impl Drop for PrimaryGuard {
     }
 }
 
-/// The reader thread's state.
+/// What the reader hands to the recorder.
+#[derive(Debug)]
+enum Work {
+    /// Another process changed a replicated file.
+    Changed { pid: u32, dir: u16, path: RelPath },
+    /// Another process was refused the opening of a replicated file.
+    Denied { pid: u32, dir: u16, path: RelPath },
+    /// fanotify lost events.
+    Overflow,
+    /// A permission event could not be answered.
+    RespondFailed(std::io::Error),
+}
+
+/// The reader thread: reads the groups and answers permission events.
+///
+/// It must never wait on anything that could itself wait for a permission
+/// answer: an open of a file on a guarded file system by this thread would
+/// wait for this thread. So it does not log, write the dirty log or send
+/// reports; it only reads `/proc` and opens `O_PATH` descriptors (which
+/// generate no permission event), and hands everything else to the
+/// [`Recorder`] through a bounded queue. When that queue is full, it notes
+/// that work was lost, and the recorder records every directory's root.
 struct Reader {
     groups: Groups,
     stop: PipeReader,
@@ -394,19 +443,24 @@ struct Reader {
     mounts: MountTable,
     allowed: HashSet<i32>,
     policy: GuardPolicy,
-    dirty: Arc<DirtyLog>,
-    sender: SyncSender<GuardEvent>,
-    reported: HashSet<(u32, u16, RelPath, bool)>,
+    work: SyncSender<Work>,
+    work_lost: Arc<AtomicBool>,
     stats: Arc<GuardStats>,
 }
 
 impl Reader {
     fn run(mut self) {
-        if let Err(error) = self.serve() {
+        let result = self.serve();
+        let policy = self.policy;
+        let work = self.work.clone();
+        // Dropping the groups allows every access still waiting for an answer;
+        // only then may this thread log.
+        drop(self);
+        if let Err(error) = result {
             tracing::error!(%error, "guard: reading fanotify events failed; guard stopped");
         }
-        // Dropping the groups allows every access still waiting for an answer.
-        tracing::info!(policy = ?self.policy, "guard stopped");
+        tracing::info!(policy = ?policy, "guard stopped");
+        drop(work);
     }
 
     fn serve(&mut self) -> std::io::Result<()> {
@@ -443,12 +497,20 @@ impl Reader {
         }
     }
 
+    /// Queues work for the recorder without ever waiting.
+    fn forward(&self, work: Work) {
+        match self.work.try_send(work) {
+            Ok(()) | Err(TrySendError::Disconnected(_)) => {}
+            Err(TrySendError::Full(_)) => self.work_lost.store(true, Ordering::Release),
+        }
+    }
+
     fn respond(&self, event: &FanotifyEvent, allow: bool) {
         let Some(group) = self.groups.permission.as_ref() else {
             return;
         };
         if let Err(error) = group.respond(event, allow) {
-            tracing::error!(%error, allow, "guard: cannot answer a permission event");
+            self.forward(Work::RespondFailed(error));
         }
     }
 
@@ -458,8 +520,8 @@ impl Reader {
         match self.mounts.locate(fd) {
             Ok(Some(location)) => classify(&location, &self.dirs),
             Ok(None) => None,
-            Err(error) => {
-                tracing::debug!(%error, pid = event.pid(), "guard: cannot locate an event's file");
+            Err(_) => {
+                self.stats.unresolved.fetch_add(1, Ordering::Relaxed);
                 None
             }
         }
@@ -476,28 +538,30 @@ impl Reader {
         if let Some((dir, path)) = found {
             self.stats.denied.fetch_add(1, Ordering::Relaxed);
             let pid = u32::try_from(event.pid()).unwrap_or(0);
-            self.report(pid, dir, path, true, false);
+            self.forward(Work::Denied { pid, dir, path });
         }
     }
 
     fn handle_descriptor(&mut self, event: &FanotifyEvent) {
         self.stats.events.fetch_add(1, Ordering::Relaxed);
         if event.mask().contains(MaskFlags::FAN_Q_OVERFLOW) {
-            self.overflowed();
+            self.stats.overflows.fetch_add(1, Ordering::Relaxed);
+            self.forward(Work::Overflow);
             return;
         }
         if !event.check_version() || self.allowed.contains(&event.pid()) {
             return;
         }
         if let Some((dir, path)) = self.classify_fd(event) {
-            self.bypass(event.pid(), dir, path);
+            self.changed(event.pid(), dir, path);
         }
     }
 
     fn handle_fid(&mut self, event: &FidEvent) {
         self.stats.events.fetch_add(1, Ordering::Relaxed);
         if event.mask & MaskFlags::FAN_Q_OVERFLOW.bits() != 0 {
-            self.overflowed();
+            self.stats.overflows.fetch_add(1, Ordering::Relaxed);
+            self.forward(Work::Overflow);
             return;
         }
         if self.allowed.contains(&event.pid) || event.handle.is_empty() {
@@ -506,39 +570,67 @@ impl Reader {
         let Some(fs) = self.filesystems.iter().find(|fs| fs.fsid == event.fsid) else {
             return;
         };
-        let parent = match open_by_handle(fs.mount_fd.as_fd(), event.handle_type, &event.handle) {
-            Ok(parent) => parent,
-            Err(error) => {
-                // ESTALE: the directory is gone; its own removal was an event of its parent.
-                tracing::debug!(%error, pid = event.pid, "guard: cannot open an event's directory");
-                return;
-            }
-        };
-        let location = match self.mounts.locate(parent.as_fd()) {
+        // ESTALE: the directory is gone, and its own removal was an event of its
+        // parent; anything else is counted.
+        let location = open_by_handle(fs.mount_fd.as_fd(), event.handle_type, &event.handle)
+            .and_then(|parent| self.mounts.locate(parent.as_fd()));
+        let location = match location {
             Ok(Some(location)) => location.child(&event.name),
             Ok(None) => return,
             Err(error) => {
-                tracing::debug!(%error, pid = event.pid, "guard: cannot locate an event's directory");
+                if error.raw_os_error() != Some(libc::ESTALE) {
+                    self.stats.unresolved.fetch_add(1, Ordering::Relaxed);
+                }
                 return;
             }
         };
         if let Some((dir, path)) = classify(&location, &self.dirs) {
-            self.bypass(event.pid, dir, path);
+            self.changed(event.pid, dir, path);
         }
     }
 
-    /// A change of a replicated file by another process: record, then report.
-    fn bypass(&mut self, pid: i32, dir: u16, path: RelPath) {
+    /// A change of a replicated file by another process.
+    fn changed(&mut self, pid: i32, dir: u16, path: RelPath) {
         self.stats.bypass_writes.fetch_add(1, Ordering::Relaxed);
-        let newly_recorded = self.record(dir, &path);
-        self.report(
-            u32::try_from(pid).unwrap_or(0),
-            dir,
-            path,
-            false,
-            newly_recorded,
-        );
+        let pid = u32::try_from(pid).unwrap_or(0);
+        self.forward(Work::Changed { pid, dir, path });
     }
+}
+
+/// The recorder thread: writes the dirty log, logs and sends the reports.
+struct Recorder {
+    work: Receiver<Work>,
+    work_lost: Arc<AtomicBool>,
+    dir_indices: Vec<u16>,
+    dirty: Arc<DirtyLog>,
+    sender: SyncSender<GuardEvent>,
+    reported: HashSet<(u32, u16, RelPath, bool)>,
+    stats: Arc<GuardStats>,
+}
+
+impl Recorder {
+    fn run(mut self) {
+        while let Ok(work) = self.work.recv() {
+            if self.work_lost.swap(false, Ordering::Acquire) {
+                self.events_lost("the guard's work queue was full");
+            }
+            match work {
+                Work::Changed { pid, dir, path } => {
+                    let newly_recorded = self.record(dir, &path);
+                    self.report(pid, dir, path, false, newly_recorded);
+                }
+                Work::Denied { pid, dir, path } => self.report(pid, dir, path, true, false),
+                Work::Overflow => self.events_lost("the fanotify queue overflowed"),
+                Work::RespondFailed(error) => {
+                    tracing::error!(%error, "guard: cannot answer a permission event");
+                }
+            }
+        }
+        if self.work_lost.swap(false, Ordering::Acquire) {
+            self.events_lost("the guard's work queue was full");
+        }
+    }
+
     /// Records a file whole; returns whether the dirty log did not have it yet.
     fn record(&self, dir: u16, path: &RelPath) -> bool {
         let touched = TouchedFile {
@@ -561,13 +653,14 @@ impl Reader {
         }
     }
 
-    fn overflowed(&mut self) {
-        self.stats.overflows.fetch_add(1, Ordering::Relaxed);
+    /// Some changes were not seen: every directory's root is recorded, which
+    /// asks the resync for a full comparison.
+    fn events_lost(&mut self, why: &str) {
         tracing::warn!(
-            "guard: fanotify queue overflowed, events lost; every replicated directory is recorded for a full comparison"
+            why,
+            "guard: events lost; every replicated directory is recorded for a full comparison"
         );
-        let dirs: Vec<u16> = self.dirs.iter().map(|dir| dir.index).collect();
-        for dir in dirs {
+        for dir in self.dir_indices.clone() {
             let newly_recorded = self.record(dir, &RelPath::root());
             self.report(0, dir, RelPath::root(), false, newly_recorded);
         }

@@ -1,11 +1,12 @@
 //! The secondary's guard: the replica is read-only for everything but the receiver.
 //!
 //! [`SecondaryGuard::engage`] bind-mounts each replicated directory over
-//! itself and makes that new mount read-only (`MS_REMOUNT | MS_BIND |
-//! MS_RDONLY`, keeping the directory's `nosuid`/`nodev`/`noexec`/atime
-//! flags). Every path lookup of the directory now ends on the read-only mount:
-//! opening a file for writing, creating, unlinking, renaming or changing
-//! metadata there fails with `EROFS`. The receiver opened its directory
+//! itself, read-only (a clone of the directory's mount, keeping its
+//! `nosuid`/`nodev`/`noexec`/atime flags, made read-only before it is
+//! attached, so that the copies mount propagation makes in other mount
+//! namespaces are read-only too). Every path lookup of the directory now
+//! ends on the read-only mount: opening a file for writing, creating,
+//! unlinking, renaming or changing metadata there fails with `EROFS`. The receiver opened its directory
 //! descriptors ([`ReplicaRoot::open`](crate::apply::ReplicaRoot::open)) before
 //! the guard was engaged: they belong to the original, writable mount, and
 //! its `*at()` calls resolve beneath them without crossing the new mount, so
@@ -14,8 +15,11 @@
 //!
 //! This guards the directory's path, which is what applications use. A
 //! process that holds a descriptor from before the guard, or another mount of
-//! the same file system, is not stopped by it; a [`PrimaryGuard`] with
-//! [`GuardPolicy::Deny`] and the receiver's pid allowed covers those too.
+//! the same file system, is not stopped by it. A [`PrimaryGuard`] with
+//! [`GuardPolicy::Deny`], run by the receiver's process (its pid is allowed),
+//! refuses opens through other mounts too, and records writes through older
+//! descriptors in the dirty log it is given (the replica's files that the
+//! next resync must compare, whichever side keeps that list).
 //!
 //! # Crash safety
 //!
@@ -33,14 +37,16 @@
 //! [`PrimaryGuard`]: super::PrimaryGuard
 //! [`GuardPolicy::Deny`]: super::GuardPolicy::Deny
 
+use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use rustix::fs::StatVfsMountFlags;
-use rustix::mount::{MountFlags, UnmountFlags};
+use rustix::fs::{CWD, StatVfsMountFlags};
+use rustix::mount::{MountFlags, MoveMountFlags, OpenTreeFlags, UnmountFlags};
 
 use super::GuardError;
 use super::location::{MountEntry, read_mountinfo};
+use super::sys::make_mount_read_only;
 
 /// A secondary's replicated directories made read-only; dropping it releases them.
 #[derive(Debug)]
@@ -148,6 +154,64 @@ fn kept_flags(dir: &Path) -> Result<MountFlags, GuardError> {
         .fold(MountFlags::empty(), |flags, (_, to)| flags | *to))
 }
 
+/// Mounts a read-only bind of `dir` over itself.
+///
+/// Preferred: clone the directory's mount detached (`open_tree`), make the
+/// clone read-only (`mount_setattr`; the clone keeps the original's other
+/// flags), then attach it (`move_mount`). When the parent mount is shared,
+/// the attach propagates copies of the mount to its peers and slaves (other
+/// mount namespaces of the node), and copies keep the read-only flag, so the
+/// directory is read-only there too. The classic `mount --bind` then `mount
+/// -o remount,bind,ro` would propagate writable copies (the remount changes
+/// this mount only); it is the fallback for kernels before 5.12.
+fn attach_read_only_bind(dir: &Path) -> Result<(), GuardError> {
+    let tree = match rustix::mount::open_tree(
+        CWD,
+        dir,
+        OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC,
+    ) {
+        Ok(tree) => tree,
+        Err(rustix::io::Errno::NOSYS) => return classic_read_only_bind(dir),
+        Err(errno) => return Err(mount_error("clone the mount of", dir)(errno)),
+    };
+    // Dropping `tree` unattached frees the clone: nothing to undo on error.
+    match make_mount_read_only(tree.as_fd()) {
+        Ok(()) => {}
+        Err(error) if error.raw_os_error() == Some(libc::ENOSYS) => {
+            return classic_read_only_bind(dir);
+        }
+        Err(source) => {
+            return Err(GuardError::Mount {
+                action: "make read-only a clone of",
+                path: dir.to_path_buf(),
+                source,
+            });
+        }
+    }
+    rustix::mount::move_mount(
+        tree.as_fd(),
+        "",
+        CWD,
+        dir,
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+    )
+    .map_err(mount_error("attach a read-only mount over", dir))
+}
+
+/// `mount --bind dir dir` then `mount -o remount,bind,ro dir`.
+fn classic_read_only_bind(dir: &Path) -> Result<(), GuardError> {
+    let flags = kept_flags(dir)? | MountFlags::BIND | MountFlags::RDONLY;
+    rustix::mount::mount_bind(dir, dir).map_err(mount_error("bind-mount", dir))?;
+    if let Err(errno) = rustix::mount::mount_remount(dir, flags, "") {
+        // Do not leave a writable bind mount behind.
+        if let Err(error) = unmount_top(dir) {
+            tracing::error!(%error, "cannot remove the bind mount whose remount failed");
+        }
+        return Err(mount_error("make read-only", dir)(errno));
+    }
+    Ok(())
+}
+
 impl SecondaryGuard {
     /// Removes read-only guard mounts left on `dirs` by a guard that was never
     /// released (its process crashed); returns how many were removed. Call it
@@ -208,17 +272,7 @@ impl SecondaryGuard {
                 "removed a read-only guard mount left by a previous run; descriptors opened before now may be read-only"
             );
         }
-        let flags = kept_flags(&dir)?;
-        rustix::mount::mount_bind(&dir, &dir).map_err(mount_error("bind-mount", &dir))?;
-        if let Err(errno) =
-            rustix::mount::mount_remount(&dir, flags | MountFlags::BIND | MountFlags::RDONLY, "")
-        {
-            // Do not leave a writable bind mount behind.
-            if let Err(error) = unmount_top(&dir) {
-                tracing::error!(%error, "cannot remove the bind mount whose remount failed");
-            }
-            return Err(mount_error("make read-only", &dir)(errno));
-        }
+        attach_read_only_bind(&dir)?;
         tracing::info!(dir = %dir.display(), "replicated directory read-only for applications");
         self.engaged.push(dir);
         Ok(())

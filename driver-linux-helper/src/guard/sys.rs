@@ -7,8 +7,10 @@
 //! events and `FAN_ALLOW`/`FAN_DENY` responses safely ([`FanotifyGroup`]).
 //! nix does not parse info records, so [`FidGroup`] reads its events with a
 //! plain `read` and parses the bytes itself ([`parse_fid_events`], safe
-//! code), and [`open_by_handle`] calls `open_by_handle_at(2)` through `libc`:
-//! the only `unsafe` of the guard, with its `SAFETY` arguments.
+//! code), and [`open_by_handle`] calls `open_by_handle_at(2)` through `libc`.
+//! [`make_mount_read_only`] (`mount_setattr(2)`, for the secondary's guard)
+//! is here for the same reason: neither `rustix` nor `nix` wraps it. These two
+//! are the guard's only `unsafe`, each with its `SAFETY` argument.
 //!
 //! Waiting: groups are non-blocking and [`wait_readable`] polls them together
 //! with a stop descriptor (the read end of a pipe whose write end the owner
@@ -368,6 +370,53 @@ pub fn open_by_handle(
     }
     // SAFETY: `open_by_handle_at` returned a new descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `MOUNT_ATTR_RDONLY` of `mount_setattr(2)`.
+const MOUNT_ATTR_RDONLY: u64 = 0x1;
+
+/// `struct mount_attr` (`MOUNT_ATTR_SIZE_VER0`, 32 bytes).
+#[repr(C)]
+#[derive(Debug)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+/// Makes the mount `mount` (a descriptor from `open_tree`, attached or not)
+/// read-only with `mount_setattr(2)`, which `rustix` and `nix` do not wrap.
+/// Unlike a `MS_REMOUNT`, it also works on a detached mount.
+///
+/// # Errors
+/// `ENOSYS` before Linux 5.12, or what the kernel refuses.
+pub fn make_mount_read_only(mount: BorrowedFd<'_>) -> io::Result<()> {
+    let attr = MountAttr {
+        attr_set: MOUNT_ATTR_RDONLY,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: `mount_setattr(dirfd, path, flags, attr, size)` reads a
+    // NUL-terminated path (the empty C string literal, static) and `size`
+    // bytes at `attr` (a live, properly aligned `struct mount_attr` of exactly
+    // that size on our stack); it writes no memory of ours. Every integer
+    // argument is passed as a `c_long`, as the variadic `syscall` expects.
+    let result = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::c_long::from(mount.as_raw_fd()),
+            c"".as_ptr(),
+            libc::c_long::from(libc::AT_EMPTY_PATH),
+            std::ptr::from_ref(&attr),
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if result < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
