@@ -28,6 +28,12 @@
 //! [`ActivityLog::unpin_recovered`] is called once a resync covered them, so a
 //! second crash before that resync loses nothing.
 //!
+//! Group commit: records are appended to an in-memory batch; the first
+//! writer that needs its record on disk writes and syncs the whole batch while
+//! the others wait for it, so concurrent first writes to many files share one
+//! `fdatasync`. A file whose record is not yet on disk counts as hot for
+//! nobody: every writer of it waits for the batch.
+//!
 //! Known gap: "acknowledged" means applied in the peer's page cache; if the
 //! secondary loses power, acknowledged writes not yet flushed there are not
 //! covered by this primary-side log once the file went cold.
@@ -40,7 +46,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use safekit_protocol::replication::RelPath;
 use serde::{Deserialize, Serialize};
@@ -79,15 +85,25 @@ struct HotFile {
     settle_at: u64,
     last_used: u64,
     pinned: bool,
+    /// The batch holding its `Hot` record.
+    epoch: u64,
 }
 
 #[derive(Debug)]
 struct Inner {
-    file: File,
+    /// `None` while a writer writes a batch.
+    file: Option<File>,
     hot: HashMap<(u16, RelPath), HotFile>,
     records: usize,
     tick: u64,
     last_checkpoint_tick: u64,
+    /// Encoded records not written yet, and the epoch they will get.
+    batch: Vec<u8>,
+    batch_epoch: u64,
+    /// Every batch up to this one was written (or failed, see `failed`).
+    written_epoch: u64,
+    /// Recent batches whose write failed.
+    failed: Vec<u64>,
 }
 
 /// The activity log of one module (primary side).
@@ -96,6 +112,7 @@ pub struct ActivityLog {
     capacity: usize,
     position: Option<Arc<dyn StreamPosition>>,
     inner: Mutex<Inner>,
+    written: Condvar,
 }
 
 impl std::fmt::Debug for ActivityLog {
@@ -174,6 +191,7 @@ impl ActivityLog {
                         settle_at: 0,
                         last_used: 0,
                         pinned: true,
+                        epoch: 0,
                     },
                 )
             })
@@ -183,12 +201,17 @@ impl ActivityLog {
             capacity: capacity.max(1),
             position,
             inner: Mutex::new(Inner {
-                file,
+                file: Some(file),
                 hot,
                 records: records.len(),
                 tick: 1,
                 last_checkpoint_tick: 0,
+                batch: Vec::new(),
+                batch_epoch: 1,
+                written_epoch: 0,
+                failed: Vec::new(),
             }),
+            written: Condvar::new(),
         })
     }
 
@@ -224,7 +247,11 @@ impl ActivityLog {
         if let Some(hot) = inner.hot.get_mut(&key) {
             hot.in_flight += 1;
             hot.last_used = tick;
-            return Ok(ActivityTicket { log: self, key });
+            let epoch = hot.epoch;
+            let ticket = ActivityTicket { log: self, key };
+            // Another writer queued its record: wait until it is on disk too.
+            drop(self.wait_written(inner, epoch)?);
+            return Ok(ticket);
         }
         let mut evicted = Vec::new();
         if inner.hot.len() >= self.capacity {
@@ -248,28 +275,23 @@ impl ActivityLog {
                 );
             }
         }
-        let mut bytes = Vec::new();
         for (dir, path) in &evicted {
-            records::encode(
-                &Record::Cold {
-                    dir: *dir,
-                    path: path.clone(),
-                },
-                &mut bytes,
-            )?;
+            let record = Record::Cold {
+                dir: *dir,
+                path: path.clone(),
+            };
+            records::encode(&record, &mut inner.batch)?;
+            inner.hot.remove(&(*dir, path.clone()));
         }
         records::encode(
             &Record::Hot {
                 dir,
                 path: path.clone(),
             },
-            &mut bytes,
+            &mut inner.batch,
         )?;
-        records::append(&mut inner.file, &bytes)?;
         inner.records += evicted.len() + 1;
-        for key in &evicted {
-            inner.hot.remove(key);
-        }
+        let epoch = inner.batch_epoch;
         inner.hot.insert(
             key.clone(),
             HotFile {
@@ -277,10 +299,62 @@ impl ActivityLog {
                 settle_at: 0,
                 last_used: tick,
                 pinned: false,
+                epoch,
             },
         );
-        self.maybe_compact(&mut inner)?;
-        Ok(ActivityTicket { log: self, key })
+        let ticket = ActivityTicket { log: self, key };
+        drop(self.wait_written(inner, epoch)?);
+        Ok(ticket)
+    }
+
+    /// Waits until batch `epoch` is on disk, writing it (and whatever else is
+    /// batched) if no other thread is writing.
+    fn wait_written<'a>(
+        &'a self,
+        mut inner: MutexGuard<'a, Inner>,
+        epoch: u64,
+    ) -> io::Result<MutexGuard<'a, Inner>> {
+        loop {
+            if inner.failed.contains(&epoch) {
+                return Err(io::Error::other(format!(
+                    "activity log {}: a write failed",
+                    self.path.display()
+                )));
+            }
+            if inner.written_epoch >= epoch {
+                return Ok(inner);
+            }
+            let Some(mut file) = inner.file.take() else {
+                inner = self
+                    .written
+                    .wait(inner)
+                    .unwrap_or_else(PoisonError::into_inner);
+                continue;
+            };
+            let bytes = std::mem::take(&mut inner.batch);
+            let writing = inner.batch_epoch;
+            inner.batch_epoch += 1;
+            drop(inner);
+            let result = records::append(&mut file, &bytes);
+            inner = self.lock();
+            inner.file = Some(file);
+            if let Err(error) = &result {
+                tracing::error!(%error, path = %self.path.display(), "cannot write the activity log");
+                // Its files are not known to be hot: forget them so that a later write retries.
+                inner.hot.retain(|_, hot| hot.epoch != writing);
+                inner.failed.push(writing);
+                if inner.failed.len() > 64 {
+                    inner.failed.remove(0);
+                }
+            }
+            inner.written_epoch = writing;
+            if result.is_ok()
+                && let Err(error) = self.maybe_compact(&mut inner)
+            {
+                tracing::warn!(%error, path = %self.path.display(), "cannot compact the activity log");
+            }
+            self.written.notify_all();
+        }
     }
 
     /// Drops settled files not written since the previous checkpoint, in one
@@ -302,22 +376,17 @@ impl ActivityLog {
         if cold.is_empty() {
             return Ok(0);
         }
-        let mut bytes = Vec::new();
         for (dir, path) in &cold {
-            records::encode(
-                &Record::Cold {
-                    dir: *dir,
-                    path: path.clone(),
-                },
-                &mut bytes,
-            )?;
+            let record = Record::Cold {
+                dir: *dir,
+                path: path.clone(),
+            };
+            records::encode(&record, &mut inner.batch)?;
+            inner.hot.remove(&(*dir, path.clone()));
         }
-        records::append(&mut inner.file, &bytes)?;
         inner.records += cold.len();
-        for key in &cold {
-            inner.hot.remove(key);
-        }
-        self.maybe_compact(&mut inner)?;
+        let epoch = inner.batch_epoch;
+        drop(self.wait_written(inner, epoch)?);
         Ok(cold.len())
     }
 
@@ -347,7 +416,7 @@ impl ActivityLog {
                 path: path.clone(),
             })
             .collect();
-        inner.file = records::rewrite(&self.path, MAGIC, &records)?;
+        inner.file = Some(records::rewrite(&self.path, MAGIC, &records)?);
         inner.records = records.len();
         Ok(())
     }

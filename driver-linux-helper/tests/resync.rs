@@ -86,13 +86,9 @@ impl Pair {
         let replica = tmp.path().join("replica");
         fs::create_dir(&primary).expect("mkdir primary");
         fs::create_dir(&replica).expect("mkdir replica");
-        let receiver = Receiver::bind_serving_resync(
-            "127.0.0.1:0",
-            SECRET,
-            MODULE,
-            vec![open_dir(&replica)],
-        )
-        .expect("bind receiver");
+        let receiver =
+            Receiver::bind_serving_resync("127.0.0.1:0", SECRET, MODULE, vec![open_dir(&replica)])
+                .expect("bind receiver");
         let addr = receiver.local_addr();
         let dirty =
             Arc::new(DirtyLog::open(&tmp.path().join("dirty.log")).expect("open dirty log"));
@@ -230,9 +226,13 @@ impl Pair {
     fn live_unlink(&self, path: &str) {
         let namespace = self.locks.namespace();
         fs::remove_file(self.local(path)).expect("local unlink");
-        let outcome = self
-            .sender
-            .replicate(Op::Unlink { dir: 0, path: p(path) }, WaitFor::Applied);
+        let outcome = self.sender.replicate(
+            Op::Unlink {
+                dir: 0,
+                path: p(path),
+            },
+            WaitFor::Applied,
+        );
         assert_live(outcome);
         namespace.removed(0, &p(path));
     }
@@ -243,7 +243,10 @@ impl Pair {
 /// for the resync; the sender never leaves `Replicating` in these tests.
 fn assert_live(outcome: ReplicateOutcome) {
     assert!(
-        matches!(outcome, ReplicateOutcome::Confirmed | ReplicateOutcome::Alone),
+        matches!(
+            outcome,
+            ReplicateOutcome::Confirmed | ReplicateOutcome::Alone
+        ),
         "{outcome:?}"
     );
 }
@@ -400,7 +403,7 @@ fn full_resync_from_empty_makes_identical_trees_and_ships_each_byte_once() {
     std::os::unix::fs::symlink("d00/f000", pair.local("link")).expect("symlink");
     rustix::fs::mknodat(
         rustix::fs::CWD,
-        &pair.local("fifo"),
+        pair.local("fifo"),
         rustix::fs::FileType::Fifo,
         Mode::from_raw_mode(0o620),
         0,
@@ -411,14 +414,47 @@ fn full_resync_from_empty_makes_identical_trees_and_ships_each_byte_once() {
     fs::write(pair.replica.join("stale/sub/x"), b"x").expect("write stale");
     fs::create_dir(pair.replica.join("empty")).expect("mkdir conflicting");
 
-    let stats = pair.resync(ResyncKind::Full);
+    let snapshots = Arc::new(Mutex::new(Vec::new()));
+    let engine = {
+        let snapshots = Arc::clone(&snapshots);
+        pair.engine(pair.config())
+            .on_progress(Box::new(move |progress| {
+                snapshots.lock().expect("snapshots").push(*progress);
+            }))
+    };
+    let stats = match engine.run(ResyncKind::Full) {
+        Ok(ResyncOutcome::Completed { stats }) => stats,
+        Err(error) => panic!("resync failed: {error}"),
+    };
 
     assert_same_trees(&pair, true);
     let bytes = total_bytes(&pair.primary);
+    let last = *snapshots
+        .lock()
+        .expect("snapshots")
+        .last()
+        .expect("progress reported");
+    assert_eq!(last.stats, stats);
+    assert_eq!(
+        (last.files_done, last.bytes_done),
+        (last.files_total, last.bytes_total)
+    );
+    assert_eq!(last.bytes_total, bytes);
+    assert_eq!(last.percent(), 100);
     assert_eq!(stats.bytes_sent, bytes, "every byte shipped exactly once");
-    assert_eq!(stats.files_sent, 100 + 2 + 4, "files, big files, leaf, empty, link, fifo");
-    assert_eq!(stats.entries_deleted, 4, "stale/sub/x, stale/sub, stale, the conflicting dir");
-    assert!(!pair.tmp.path().join("resync.cursor").exists(), "cursor removed on completion");
+    assert_eq!(
+        stats.files_sent,
+        100 + 2 + 4,
+        "files, big files, leaf, empty, link, fifo"
+    );
+    assert_eq!(
+        stats.entries_deleted, 4,
+        "stale/sub/x, stale/sub, stale, the conflicting dir"
+    );
+    assert!(
+        !pair.tmp.path().join("resync.cursor").exists(),
+        "cursor removed on completion"
+    );
 
     // Nothing changed: a second full pass ships nothing.
     let again = pair.resync(ResyncKind::Full);
@@ -507,7 +543,10 @@ fn incremental_resync_ships_only_changed_files_and_blocks() {
     assert_same_trees(&pair, true);
     // 2 appended + 1 rewritten + the renamed file's new name + the big file.
     assert_eq!(stats.files_sent, 5, "{stats:?}");
-    assert_eq!(stats.entries_deleted, 2, "the deleted file and the renamed file's old name");
+    assert_eq!(
+        stats.entries_deleted, 2,
+        "the deleted file and the renamed file's old name"
+    );
     // The big file: one 64 KiB block (the 4 KiB write straddles no boundary).
     let small_blocks: u64 = 2 + 1 + 1 + 2;
     assert!(
@@ -594,10 +633,14 @@ fn resync_while_writers_rewrite_create_rename_and_delete_ends_identical() {
                     1 => pair.live_rename(&name, &format!("d0{}/moved{round}", (round + 1) % 3)),
                     _ => {}
                 }
-                if round % 2 == 0 {
+                if round.is_multiple_of(2) {
                     // Renaming an existing file, sometimes the big one while it is being resynced.
                     let mut current = big_name.lock().expect("name");
-                    let next = if current.as_str() == "big" { "big.renamed" } else { "big" };
+                    let next = if current.as_str() == "big" {
+                        "big.renamed"
+                    } else {
+                        "big"
+                    };
                     pair.live_rename(&current, next);
                     *current = next.to_owned();
                 }
@@ -631,7 +674,7 @@ fn an_interrupted_resync_resumes_without_starting_over() {
     let total = total_bytes(&pair.primary);
 
     let mut config = pair.config();
-    config.bandwidth = Some(32 * 1024 * 1024);
+    config.bandwidth = Some(16 * 1024 * 1024);
     // Compare every file's blocks, so that only the cursor can spare the finished ones;
     // confirm each finished file at once.
     config.checksum_all = true;
@@ -707,8 +750,12 @@ fn the_activity_log_survives_a_crash_and_names_the_files_in_flight() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let path = tmp.path().join("activity.log");
     let stream = Arc::new(FakeStream::default());
-    let log = ActivityLog::open(&path, 4, Some(Arc::clone(&stream) as Arc<dyn StreamPosition>))
-        .expect("open");
+    let log = ActivityLog::open(
+        &path,
+        4,
+        Some(Arc::clone(&stream) as Arc<dyn StreamPosition>),
+    )
+    .expect("open");
     stream.issued.store(10, Ordering::SeqCst);
     // a and b written, their replicate() returned, but not acknowledged yet (settled < 10).
     drop(log.note_write(0, &p("a")).expect("note"));
@@ -731,7 +778,10 @@ fn the_activity_log_survives_a_crash_and_names_the_files_in_flight() {
     stream.settled.store(10, Ordering::SeqCst);
     let f = log.note_write(0, &p("f")).expect("note");
     let hot = log.hot_files();
-    assert!(!hot.contains(&(0, p("a"))) && !hot.contains(&(0, p("b"))), "{hot:?}");
+    assert!(
+        !hot.contains(&(0, p("a"))) && !hot.contains(&(0, p("b"))),
+        "{hot:?}"
+    );
     drop((c, d));
     // Crash: no clean close, tickets e and f still held.
     std::mem::forget(e);
@@ -746,8 +796,12 @@ fn the_activity_log_survives_a_crash_and_names_the_files_in_flight() {
     // Reopened, the recovered files stay pinned until a resync covered them.
     stream.issued.store(20, Ordering::SeqCst);
     stream.settled.store(20, Ordering::SeqCst);
-    let log = ActivityLog::open(&path, 4, Some(Arc::clone(&stream) as Arc<dyn StreamPosition>))
-        .expect("reopen");
+    let log = ActivityLog::open(
+        &path,
+        4,
+        Some(Arc::clone(&stream) as Arc<dyn StreamPosition>),
+    )
+    .expect("reopen");
     log.checkpoint().expect("checkpoint");
     log.checkpoint().expect("checkpoint");
     assert_eq!(ActivityLog::load(&path).expect("load"), recovered);
@@ -785,6 +839,67 @@ fn after_a_primary_crash_the_activity_logs_files_are_resynced() {
     assert_eq!(in_flight, vec![(0, p("big0"))]);
     let stats = pair.resync(ResyncKind::Incremental { extra: in_flight });
     assert_same_trees(&pair, true);
-    assert_eq!(stats.files_examined, 1, "only the activity log's file: {stats:?}");
+    assert_eq!(
+        stats.files_examined, 1,
+        "only the activity log's file: {stats:?}"
+    );
     assert!(stats.blocks_sent <= 2, "{stats:?}");
+}
+
+#[test]
+fn concurrent_first_writes_are_all_on_disk_when_note_write_returns() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let path = tmp.path().join("activity.log");
+    let stream = Arc::new(FakeStream::default());
+    let log = ActivityLog::open(
+        &path,
+        1000,
+        Some(Arc::clone(&stream) as Arc<dyn StreamPosition>),
+    )
+    .expect("open");
+    let tickets = Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for thread in 0..8 {
+            let (log, tickets, path) = (&log, &tickets, &path);
+            scope.spawn(move || {
+                for file in 0..50 {
+                    let ticket = log
+                        .note_write(0, &p(&format!("t{thread}/f{file}")))
+                        .expect("note");
+                    // Returned: the record is durable; a crash now must not lose it.
+                    let on_disk = ActivityLog::load(path).expect("load");
+                    assert!(on_disk.contains(&(0, p(&format!("t{thread}/f{file}")))));
+                    tickets.lock().expect("tickets").push(ticket);
+                }
+            });
+        }
+    });
+    assert_eq!(ActivityLog::load(&path).expect("load").len(), 400);
+}
+
+#[test]
+fn a_stopped_resync_reports_it_and_the_next_run_completes() {
+    let pair = Pair::new(Role::Replicating);
+    let mut rng = Rng(53);
+    populate(&pair.primary, &mut rng, 0, 0, 8, 1024 * 1024);
+    let total = total_bytes(&pair.primary);
+    let mut config = pair.config();
+    // Slow enough that the whole copy would take half a minute.
+    config.bandwidth = Some(256 * 1024);
+    config.max_write = 64 * 1024;
+    let engine = pair.engine(config);
+    let handle = engine.handle();
+    let stopper = std::thread::spawn(move || {
+        while handle.progress().bytes_sent == 0 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        handle.stop();
+    });
+    let outcome = engine.run(ResyncKind::Full);
+    stopper.join().expect("stopper");
+    assert!(matches!(outcome, Err(ResyncError::Stopped)), "{outcome:?}");
+    assert!(engine.handle().progress().bytes_sent < total);
+    let stats = pair.resync(ResyncKind::Full);
+    assert_same_trees(&pair, true);
+    assert!(stats.bytes_sent <= total);
 }

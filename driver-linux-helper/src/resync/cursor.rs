@@ -56,28 +56,26 @@ impl ResyncCursor {
     /// # Errors
     /// The file cannot be read or written.
     pub fn open(path: &Path, start: CursorStart) -> io::Result<Self> {
-        if let Some((records, valid)) = records::load::<Record>(path, MAGIC)? {
-            if let Some(Record::Start(previous)) = records.first() {
-                if previous.full == start.full
-                    && previous.block_size == start.block_size
-                    && previous.dirty_records <= start.dirty_records
-                {
-                    let done = records
-                        .iter()
-                        .filter_map(|record| match record {
-                            Record::Done { dir, path } => Some((*dir, path.clone())),
-                            Record::Start(_) => None,
-                        })
-                        .collect::<HashSet<_>>();
-                    tracing::info!(done = done.len(), "resuming an interrupted resync");
-                    return Ok(ResyncCursor {
-                        path: path.to_path_buf(),
-                        file: records::open_append(path, valid)?,
-                        start: *previous,
-                        done,
-                    });
-                }
-            }
+        if let Some((records, valid)) = records::load::<Record>(path, MAGIC)?
+            && let Some(Record::Start(previous)) = records.first()
+            && previous.full == start.full
+            && previous.block_size == start.block_size
+            && previous.dirty_records <= start.dirty_records
+        {
+            let done = records
+                .iter()
+                .filter_map(|record| match record {
+                    Record::Done { dir, path } => Some((*dir, path.clone())),
+                    Record::Start(_) => None,
+                })
+                .collect::<HashSet<_>>();
+            tracing::info!(done = done.len(), "resuming an interrupted resync");
+            return Ok(ResyncCursor {
+                path: path.to_path_buf(),
+                file: records::open_append(path, valid)?,
+                start: *previous,
+                done,
+            });
         }
         Ok(ResyncCursor {
             path: path.to_path_buf(),

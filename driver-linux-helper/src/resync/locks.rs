@@ -49,9 +49,10 @@
 //! Hard links are not supported (as in SafeKit): two names of one inode are
 //! two files here.
 
-use std::collections::HashSet;
+use std::collections::BTreeSet;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
+use std::ops::Bound;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use safekit_protocol::replication::{RelPath, rename_flags};
@@ -68,39 +69,56 @@ pub struct FileLocks {
     collect: Mutex<Option<Collect>>,
 }
 
+/// A name as an ordered key: the names beneath a directory sort right after it.
+type NameKey = (u16, Vec<Vec<u8>>);
+
+fn key(dir: u16, path: &RelPath) -> NameKey {
+    (dir, path.components().to_vec())
+}
+
 /// What a running resync needs to hear about renames.
 #[derive(Debug)]
 struct Collect {
     /// Finished names (full resync) or names still to do (incremental).
-    set: HashSet<(u16, RelPath)>,
+    set: BTreeSet<NameKey>,
     set_means_synced: bool,
     recheck: Vec<(u16, RelPath)>,
 }
 
 impl Collect {
+    /// Whether `path` (or, for a directory, something beneath it) may still be stale on the replica.
     fn at_risk(&self, dir: u16, path: &RelPath) -> bool {
         if self.set_means_synced {
-            return !self.set.contains(&(dir, path.clone()));
+            return !self.set.contains(&key(dir, path));
         }
         let components = path.components();
-        (0..=components.len()).any(|depth| {
-            RelPath::from_components(components[..depth].to_vec())
-                .is_ok_and(|prefix| self.set.contains(&(dir, prefix)))
-        })
+        (0..=components.len()).any(|depth| self.set.contains(&(dir, components[..depth].to_vec())))
+            || !self.under(dir, path).is_empty()
+    }
+
+    /// The entries at or beneath `path`.
+    fn under(&self, dir: u16, path: &RelPath) -> Vec<NameKey> {
+        let prefix = path.components();
+        self.set
+            .range((Bound::Included(key(dir, path)), Bound::Unbounded))
+            .take_while(|(d, components)| *d == dir && components.starts_with(prefix))
+            .cloned()
+            .collect()
     }
 
     fn set_status(&mut self, dir: u16, path: &RelPath, at_risk: bool) {
         if at_risk != self.set_means_synced {
-            self.set.insert((dir, path.clone()));
+            self.set.insert(key(dir, path));
         } else {
-            self.set.remove(&(dir, path.clone()));
+            self.set.remove(&key(dir, path));
         }
     }
 
     /// Forgets every entry at or beneath `path`.
     fn forget_under(&mut self, dir: u16, path: &RelPath) {
-        self.set
-            .retain(|(d, p)| !(*d == dir && is_under(p, path)));
+        for entry in self.under(dir, path) {
+            self.set.remove(&entry);
+        }
     }
 }
 
@@ -176,7 +194,10 @@ impl FileLocks {
 
     /// Locks file `path` of replicated directory `dir` for a data change.
     pub fn data(&self, dir: u16, path: &RelPath) -> DataGuard<'_> {
-        let namespace = self.namespace.read().unwrap_or_else(PoisonError::into_inner);
+        let namespace = self
+            .namespace
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
         DataGuard {
             _stripe: self.stripe(dir, path),
             _namespace: namespace,
@@ -187,13 +208,19 @@ impl FileLocks {
     pub fn namespace(&self) -> NamespaceGuard<'_> {
         NamespaceGuard {
             locks: self,
-            _namespace: self.namespace.write().unwrap_or_else(PoisonError::into_inner),
+            _namespace: self
+                .namespace
+                .write()
+                .unwrap_or_else(PoisonError::into_inner),
         }
     }
 
     pub(crate) fn shared_namespace(&self) -> SharedNamespace<'_> {
         SharedNamespace {
-            _namespace: self.namespace.read().unwrap_or_else(PoisonError::into_inner),
+            _namespace: self
+                .namespace
+                .read()
+                .unwrap_or_else(PoisonError::into_inner),
         }
     }
 
@@ -223,7 +250,10 @@ impl FileLocks {
 
     /// Locks a tracked file under its current name; `None` when it vanished.
     pub(crate) fn lock_tracked(&self, tracked: &Tracked) -> Option<(DataGuard<'_>, RelPath)> {
-        let namespace = self.namespace.read().unwrap_or_else(PoisonError::into_inner);
+        let namespace = self
+            .namespace
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
         let path = {
             let state = tracked.state.lock().unwrap_or_else(PoisonError::into_inner);
             if state.vanished {
@@ -245,12 +275,12 @@ impl FileLocks {
     pub(crate) fn start_collecting(&self, pending: Option<Vec<(u16, RelPath)>>) {
         let collect = match pending {
             Some(pending) => Collect {
-                set: pending.into_iter().collect(),
+                set: pending.iter().map(|(dir, path)| key(*dir, path)).collect(),
                 set_means_synced: false,
                 recheck: Vec::new(),
             },
             None => Collect {
-                set: HashSet::new(),
+                set: BTreeSet::new(),
                 set_means_synced: true,
                 recheck: Vec::new(),
             },
@@ -314,11 +344,7 @@ impl NamespaceGuard<'_> {
             .unwrap_or_else(PoisonError::into_inner)
             .as_mut()
         {
-            let from_at_risk = collect.at_risk(dir, from)
-                || collect
-                    .set
-                    .iter()
-                    .any(|(d, p)| *d == dir && is_under(p, from) && p != from);
+            let from_at_risk = collect.at_risk(dir, from);
             let to_at_risk = collect.at_risk(dir, to);
             if exchange {
                 if from_at_risk || to_at_risk {
@@ -330,17 +356,11 @@ impl NamespaceGuard<'_> {
             } else {
                 // The target's old entries are gone; the source's move with it.
                 collect.forget_under(dir, to);
-                let moved: Vec<(u16, RelPath)> = collect
-                    .set
-                    .iter()
-                    .filter(|(d, p)| *d == dir && is_under(p, from))
-                    .cloned()
-                    .collect();
-                for (d, p) in moved {
-                    collect.set.remove(&(d, p.clone()));
-                    if let Some(rebased) = rebase(&p, from, to) {
-                        collect.set.insert((d, rebased));
-                    }
+                for entry in collect.under(dir, from) {
+                    collect.set.remove(&entry);
+                    let mut components = to.components().to_vec();
+                    components.extend_from_slice(&entry.1[from.components().len()..]);
+                    collect.set.insert((dir, components));
                 }
                 collect.set_status(dir, to, from_at_risk);
                 collect.set_status(dir, from, false);
@@ -438,6 +458,42 @@ mod tests {
         locks
             .namespace()
             .renamed(0, &p("n"), &p("m"), rename_flags::EXCHANGE);
-        assert_eq!(locks.lock_tracked(&swapped).map(|(_, path)| path), Some(p("n")));
+        assert_eq!(
+            locks.lock_tracked(&swapped).map(|(_, path)| path),
+            Some(p("n"))
+        );
+    }
+
+    #[test]
+    fn renames_of_names_not_yet_up_to_date_are_collected_for_a_recheck() {
+        let locks = FileLocks::new();
+        // Full resync: every name is at risk until finished.
+        locks.start_collecting(None);
+        locks.mark_finished(0, &p("done"));
+        {
+            let namespace = locks.namespace();
+            namespace.renamed(0, &p("done"), &p("done2"), 0);
+            namespace.renamed(0, &p("todo"), &p("todo2"), 0);
+            namespace.created(0, &p("new"));
+            namespace.renamed(0, &p("new"), &p("new2"), 0);
+        }
+        assert_eq!(locks.take_recheck(), vec![(0, p("todo2"))]);
+        // The finished status moved with the name.
+        locks.namespace().renamed(0, &p("done2"), &p("done3"), 0);
+        assert_eq!(locks.take_recheck(), vec![]);
+
+        // Incremental: only the recorded names (and what is beneath recorded directories).
+        locks.start_collecting(Some(vec![(0, p("dirty")), (0, p("tree"))]));
+        {
+            let namespace = locks.namespace();
+            namespace.renamed(0, &p("clean"), &p("clean2"), 0);
+            namespace.renamed(0, &p("tree/child"), &p("elsewhere"), 0);
+            namespace.renamed(0, &p("a/b"), &p("dirty"), 0);
+        }
+        assert_eq!(locks.take_recheck(), vec![(0, p("elsewhere"))]);
+        locks.mark_finished(0, &p("elsewhere"));
+        locks.stop_collecting();
+        locks.namespace().renamed(0, &p("tree"), &p("tree2"), 0);
+        assert_eq!(locks.take_recheck(), vec![]);
     }
 }

@@ -31,10 +31,13 @@
 //!   resync of that file simply stops and the live operation, already in the
 //!   stream, decides. Each time the lock is taken the engine also checks that
 //!   the name still leads to the inode it reads (a change behind the FUSE
-//!   layer's back also stops the file). Removing a name from the replica is
-//!   decided under the namespace lock held shared: the primary is checked to
-//!   lack the name, then the removal is queued, and no live create can come
-//!   in between.
+//!   layer's back also stops the file). A file renamed *before* its resync
+//!   started would carry the replica's stale copy to its new name: the lock
+//!   table collects the new names of such renames (of names not yet brought up
+//!   to date) and the final stage re-checks them (see [`locks`]). Removing a
+//!   name from the replica is decided under the namespace lock held shared:
+//!   the primary is checked to lack the name, then the removal is queued, and
+//!   no live create can come in between.
 //!
 //! # Incremental and full
 //!
@@ -68,12 +71,17 @@
 //! returns [`ResyncOutcome::Completed`] only after a final durable barrier
 //! taken with the namespace lock held exclusively (no live change can slip in
 //! between), and after re-checking files the dirty log recorded during the run
-//! (operations the peer failed to apply). On completion it clears the dirty
+//! (operations the peer failed to apply, e.g. a live create in a directory
+//! the resync had not created yet) and names collected by the lock table; at
+//! most [`MAX_EXTRA_PASSES`] such passes, then it fails rather than loop. On completion it clears the dirty
 //! log (when [`ResyncConfig::clear_dirty_log`]) and removes the cursor. Any
 //! error leaves both, and the replica must not be considered up to date.
 //!
 //! Known limits: hard links are copied as separate files; sparse files become
-//! dense on the replica; extended attributes are not compared.
+//! dense on the replica; extended attributes are not compared; the dirty
+//! log's byte ranges are not used (a recorded file is compared whole, which
+//! reads it on both sides); a directory renamed while not yet compared is
+//! re-compared whole.
 
 pub mod cursor;
 pub mod locks;
@@ -98,7 +106,7 @@ use safekit_protocol::resync::{
 
 use crate::dirty::DirtyLog;
 use crate::replicator::{ReplicateOutcome, Replicator, WaitFor};
-use crate::transport::{RequestFailed, Sender};
+use crate::transport::{RequestFailed, Role, Sender};
 pub use cursor::{CursorStart, ResyncCursor};
 pub use locks::{DataGuard, FileLocks, NamespaceGuard};
 
@@ -117,6 +125,10 @@ pub struct ResyncConfig {
     pub max_write: usize,
     /// Bytes per second of resync data (`None`: unlimited). Live replication is never throttled.
     pub bandwidth: Option<u64>,
+    /// The resync queues an operation only while the stream's unacknowledged
+    /// bytes stay within this bound, so that it never fills the sender's whole
+    /// window (`SenderConfig::max_inflight_bytes`) and live writes keep room.
+    pub max_in_flight: usize,
     /// How long to wait for one answer of the receiver.
     pub request_timeout: Duration,
     /// The cursor file (primary side).
@@ -140,6 +152,7 @@ impl ResyncConfig {
             block_size: 64 * 1024,
             max_write: 1024 * 1024,
             bandwidth: None,
+            max_in_flight: 16 * 1024 * 1024,
             request_timeout: Duration::from_secs(60),
             cursor_path,
             checksum_all: false,
@@ -185,6 +198,8 @@ pub struct ResyncStats {
     pub attr_updates: u64,
     /// Passes over files the dirty log recorded during the run.
     pub extra_passes: u64,
+    /// Operations not shipped in time (recorded dirty, compared again at the end).
+    pub deferred: u64,
 }
 
 /// A snapshot of progress.
@@ -290,6 +305,7 @@ struct Counters {
     dirs_created: AtomicU64,
     attr_updates: AtomicU64,
     extra_passes: AtomicU64,
+    deferred: AtomicU64,
     files_done: AtomicU64,
     files_total: AtomicU64,
     bytes_done: AtomicU64,
@@ -302,6 +318,28 @@ fn bump(counter: &AtomicU64, by: u64) {
 }
 
 impl Counters {
+    fn reset(&self) {
+        for counter in [
+            &self.files_examined,
+            &self.files_sent,
+            &self.files_resumed,
+            &self.blocks_compared,
+            &self.blocks_sent,
+            &self.bytes_sent,
+            &self.entries_deleted,
+            &self.dirs_created,
+            &self.attr_updates,
+            &self.extra_passes,
+            &self.deferred,
+            &self.files_done,
+            &self.files_total,
+            &self.bytes_done,
+            &self.bytes_total,
+        ] {
+            counter.store(0, Ordering::Relaxed);
+        }
+    }
+
     fn stats(&self) -> ResyncStats {
         let v = |a: &AtomicU64| a.load(Ordering::Relaxed);
         ResyncStats {
@@ -315,6 +353,7 @@ impl Counters {
             dirs_created: v(&self.dirs_created),
             attr_updates: v(&self.attr_updates),
             extra_passes: v(&self.extra_passes),
+            deferred: v(&self.deferred),
         }
     }
 
@@ -397,7 +436,9 @@ struct Throttle {
 }
 
 impl Throttle {
-    fn take(&self, bytes: usize) {
+    /// Takes `bytes` tokens, sleeping (in short slices, so that `stop` is
+    /// honoured) while the bucket is in debt.
+    fn take(&self, bytes: usize, stop: &AtomicBool) {
         let Some(rate) = self.rate.filter(|rate| *rate > 0) else {
             return;
         };
@@ -414,7 +455,14 @@ impl Throttle {
             (tokens < 0.0).then(|| Duration::from_secs_f64(-tokens / rate))
         };
         if let Some(wait) = wait {
-            std::thread::sleep(wait);
+            let until = Instant::now() + wait;
+            while !stop.load(Ordering::SeqCst) {
+                let now = Instant::now();
+                if now >= until {
+                    break;
+                }
+                std::thread::sleep((until - now).min(Duration::from_millis(50)));
+            }
         }
     }
 }
@@ -459,7 +507,10 @@ fn quick_check_before() -> (i64, u32) {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
         .saturating_sub(QUICK_CHECK_MARGIN);
-    (i64::try_from(now.as_secs()).unwrap_or(i64::MAX), now.subsec_nanos())
+    (
+        i64::try_from(now.as_secs()).unwrap_or(i64::MAX),
+        now.subsec_nanos(),
+    )
 }
 
 enum FileEnd {
@@ -510,6 +561,8 @@ impl ResyncEngine {
     /// See [`ResyncError`]; the replica is then not up to date, and a later
     /// run of the same kind resumes.
     pub fn run(&self, kind: ResyncKind) -> Result<ResyncOutcome, ResyncError> {
+        self.counters.reset();
+        self.stop.store(false, Ordering::SeqCst);
         *self
             .counters
             .started
@@ -668,10 +721,40 @@ impl Run<'_> {
     }
 
     fn submit(&self, op: Op) -> Result<(), ResyncError> {
-        match self.engine.sender.replicate(op, WaitFor::Queued) {
+        let sender = &self.engine.sender;
+        let bytes = match &op {
+            Op::Write { data, .. } => data.len(),
+            _ => 0,
+        };
+        self.wait_room(bytes)?;
+        match sender.replicate(op, WaitFor::Queued) {
             ReplicateOutcome::Queued | ReplicateOutcome::Confirmed => Ok(()),
+            // Not shipped within the replication timeout, but the sender still
+            // replicates: the file is in the dirty log, and the final stage
+            // compares it again.
+            ReplicateOutcome::Alone if sender.stats().role == Role::Replicating => {
+                bump(&self.counters().deferred, 1);
+                Ok(())
+            }
             ReplicateOutcome::Alone | ReplicateOutcome::Off => Err(ResyncError::NotReplicating),
         }
+    }
+
+    /// Waits until `bytes` more stay within [`ResyncConfig::max_in_flight`]
+    /// (the rest of the sender's window is left to live writes).
+    fn wait_room(&self, bytes: usize) -> Result<(), ResyncError> {
+        let sender = &self.engine.sender;
+        while !sender.wait_for_room(
+            bytes,
+            self.engine.config.max_in_flight,
+            Duration::from_millis(500),
+        ) {
+            self.check_stop()?;
+            if sender.stats().role != Role::Replicating {
+                return Err(ResyncError::NotReplicating);
+            }
+        }
+        Ok(())
     }
 
     fn barrier(&self, durable: bool) -> Result<(), ResyncError> {
@@ -718,9 +801,9 @@ impl Run<'_> {
                         return Ok(Some(entries));
                     }
                 }
-                ReplyBody::Failed { errno }
-                    if matches!(errno, libc::ENOENT | libc::ENOTDIR | libc::ELOOP) =>
-                {
+                ReplyBody::Failed {
+                    errno: libc::ENOENT | libc::ENOTDIR | libc::ELOOP,
+                } => {
                     return Ok(None);
                 }
                 ReplyBody::Failed { errno } => {
@@ -757,7 +840,12 @@ impl Run<'_> {
 
     /// Removes `path` (of type `remote.kind`) from the replica, contents first.
     /// The caller holds the namespace shared and checked the primary.
-    fn delete_remote(&self, dir: u16, path: &RelPath, remote: &EntryMeta) -> Result<(), ResyncError> {
+    fn delete_remote(
+        &self,
+        dir: u16,
+        path: &RelPath,
+        remote: &EntryMeta,
+    ) -> Result<(), ResyncError> {
         if remote.kind == EntryKind::Dir {
             for child in self.remote_list(dir, path)?.unwrap_or_default() {
                 let child_path = path.join(&child.name).map_err(|_| ResyncError::Protocol)?;
@@ -787,10 +875,10 @@ impl Run<'_> {
         remote: &EntryMeta,
     ) -> Result<bool, ResyncError> {
         let _namespace = self.engine.locks.shared_namespace();
-        if let Some((_, local)) = self.local_lstat(dir, path)? {
-            if local.kind == remote.kind {
-                return Ok(false);
-            }
+        if let Some((_, local)) = self.local_lstat(dir, path)?
+            && local.kind == remote.kind
+        {
+            return Ok(false);
         }
         self.delete_remote(dir, path, remote)?;
         Ok(true)
@@ -803,7 +891,10 @@ impl Run<'_> {
             return Ok(true);
         };
         let remote = self.remote_stat(dir, path)?;
-        if remote.as_ref().is_some_and(|meta| meta.kind == EntryKind::Dir) {
+        if remote
+            .as_ref()
+            .is_some_and(|meta| meta.kind == EntryKind::Dir)
+        {
             return Ok(true);
         }
         if !self.ensure_dir(dir, &parent)? {
@@ -1085,10 +1176,10 @@ impl Run<'_> {
         }
         for (dir, path) in &others {
             self.check_stop()?;
-            if let Some((parent, _)) = path.split_last() {
-                if !self.ensure_dir(*dir, &parent)? {
-                    continue;
-                }
+            if let Some((parent, _)) = path.split_last()
+                && !self.ensure_dir(*dir, &parent)?
+            {
+                continue;
             }
             let remote = self.remote_stat(*dir, path)?;
             self.reconcile_other(*dir, path, remote.as_ref())?;
@@ -1208,12 +1299,11 @@ impl Run<'_> {
                     }
                     continue;
                 };
-                if let Some(r) = &remote {
-                    if r.meta.kind != local.meta.kind
-                        && self.remove_unless_present(dir, &child, &r.meta)?
-                    {
-                        remote = None;
-                    }
+                if let Some(r) = &remote
+                    && r.meta.kind != local.meta.kind
+                    && self.remove_unless_present(dir, &child, &r.meta)?
+                {
+                    remote = None;
                 }
                 let remote = remote.map(|entry| entry.meta);
                 match local.meta.kind {
@@ -1231,12 +1321,11 @@ impl Run<'_> {
                             bump(&counters.files_examined, 1);
                             {
                                 let _guard = self.engine.locks.data(dir, &child);
-                                if let Some(r) = &remote {
-                                    if !same_attrs(r, &local.meta) {
-                                        if let Some((_, now)) = self.local_lstat(dir, &child)? {
-                                            self.set_attrs(dir, &child, &now, true)?;
-                                        }
-                                    }
+                                if let Some(r) = &remote
+                                    && !same_attrs(r, &local.meta)
+                                    && let Some((_, now)) = self.local_lstat(dir, &child)?
+                                {
+                                    self.set_attrs(dir, &child, &now, true)?;
                                 }
                                 self.engine.locks.mark_finished(dir, &child);
                             }
@@ -1334,7 +1423,9 @@ impl Run<'_> {
             let Some((guard, current)) = self.engine.locks.lock_tracked(tracked) else {
                 return Ok(None);
             };
-            match tree::lstat(root, &current).map_err(io_error(format!("lstat {}", show(&current))))? {
+            match tree::lstat(root, &current)
+                .map_err(io_error(format!("lstat {}", show(&current))))?
+            {
                 Some((stat, _)) if same_inode(&stat, &opened) => Ok(Some((guard, current))),
                 _ => {
                     tracked.set_vanished();
@@ -1365,12 +1456,11 @@ impl Run<'_> {
                         // The primary has a non-file there now; the live stream handles it.
                         return Ok(FileEnd::Vanished);
                     }
-                } else if !job.parent_known {
-                    if let Some((parent, _)) = current.split_last() {
-                        if !self.ensure_dir(dir, &parent)? {
-                            return Ok(FileEnd::Vanished);
-                        }
-                    }
+                } else if !job.parent_known
+                    && let Some((parent, _)) = current.split_last()
+                    && !self.ensure_dir(dir, &parent)?
+                {
+                    return Ok(FileEnd::Vanished);
                 }
                 let Some((_guard, current)) = relock()? else {
                     return Ok(FileEnd::Vanished);
@@ -1396,7 +1486,11 @@ impl Run<'_> {
         // Compare the blocks both sides have, two requests in flight.
         let compare_blocks = blocks(size.min(remote_size), block_size);
         let per_request = u64::from(
-            MAX_BLOCKS_PER_REQUEST.min(u32::try_from((16u64 << 20) / block_size).unwrap_or(1).max(1)),
+            MAX_BLOCKS_PER_REQUEST.min(
+                u32::try_from((16u64 << 20) / block_size)
+                    .unwrap_or(1)
+                    .max(1),
+            ),
         );
         let mut differing: Vec<u64> = Vec::new();
         let mut requested: VecDeque<(u64, u64, crate::transport::RequestTicket)> = VecDeque::new();
@@ -1448,14 +1542,14 @@ impl Run<'_> {
                 }
             }
             // Ship what differs in this chunk before comparing further.
-            if !self.ship_blocks(dir, &fd, tracked, &differing, &relock, &mut sent_any)? {
+            if !self.ship_blocks(dir, &fd, &differing, &relock, &mut sent_any)? {
                 return Ok(FileEnd::Vanished);
             }
             differing.clear();
         }
         // Blocks the replica does not have at all.
         let tail: Vec<u64> = (compare_blocks..blocks(size, block_size)).collect();
-        if !self.ship_blocks(dir, &fd, tracked, &tail, &relock, &mut sent_any)? {
+        if !self.ship_blocks(dir, &fd, &tail, &relock, &mut sent_any)? {
             return Ok(FileEnd::Vanished);
         }
         // Size and attributes, under the lock, as they are now.
@@ -1497,12 +1591,10 @@ impl Run<'_> {
         &'l self,
         dir: u16,
         fd: &OwnedFd,
-        tracked: &locks::Tracked,
         blocks_to_send: &[u64],
         relock: &dyn Fn() -> Result<Option<(DataGuard<'l>, RelPath)>, ResyncError>,
         sent_any: &mut bool,
     ) -> Result<bool, ResyncError> {
-        let _ = tracked;
         let config = &self.engine.config;
         let block_size = u64::from(config.block_size);
         let per_write = (config.max_write as u64 / block_size).max(1);
@@ -1519,7 +1611,10 @@ impl Run<'_> {
             }
             index += count as usize;
             let len = usize::try_from(count * block_size).unwrap_or(usize::MAX);
-            self.throttle.take(len);
+            self.throttle.take(len, &self.engine.stop);
+            // Wait for room before taking the lock, so that live writes of this
+            // file do not wait behind a slow link.
+            self.wait_room(len)?;
             let Some((_guard, current)) = relock()? else {
                 return Ok(false);
             };
@@ -1573,18 +1668,18 @@ impl Run<'_> {
             {
                 let _namespace = self.engine.locks.shared_namespace();
                 for (dir, path) in dirs {
-                    if let Some((_, local)) = self.local_lstat(dir, &path)? {
-                        if local.kind == EntryKind::Dir {
-                            self.submit(Op::SetAttr {
-                                dir,
-                                path,
-                                mode: None,
-                                uid: None,
-                                gid: None,
-                                atime: None,
-                                mtime: Some(TimeSet::At(local.mtime)),
-                            })?;
-                        }
+                    if let Some((_, local)) = self.local_lstat(dir, &path)?
+                        && local.kind == EntryKind::Dir
+                    {
+                        self.submit(Op::SetAttr {
+                            dir,
+                            path,
+                            mode: None,
+                            uid: None,
+                            gid: None,
+                            atime: None,
+                            mtime: Some(TimeSet::At(local.mtime)),
+                        })?;
                     }
                 }
             }
@@ -1625,7 +1720,10 @@ impl Run<'_> {
             again.extend(recheck);
             *seen_records = dirty.files.len();
             bump(&self.counters().extra_passes, 1);
-            tracing::info!(files = again.len(), "files recorded dirty during the resync; another pass");
+            tracing::info!(
+                files = again.len(),
+                "files recorded dirty during the resync; another pass"
+            );
             let extra = Run {
                 engine: self.engine,
                 cursor: None,

@@ -70,7 +70,11 @@ pub(crate) fn load<T: DeserializeOwned>(
 
 /// Writes a fresh file holding `magic` and `records` durably (temporary file,
 /// fsync, rename, fsync of the directory), and returns it opened for appending.
-pub(crate) fn rewrite<T: Serialize>(path: &Path, magic: &[u8; 8], records: &[T]) -> io::Result<File> {
+pub(crate) fn rewrite<T: Serialize>(
+    path: &Path,
+    magic: &[u8; 8],
+    records: &[T],
+) -> io::Result<File> {
     let mut bytes = magic.to_vec();
     for record in records {
         encode(record, &mut bytes)?;

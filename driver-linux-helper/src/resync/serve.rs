@@ -100,12 +100,12 @@ fn body(dirs: &[OwnedFd], request: &RequestBody) -> io::Result<ReplyBody> {
             path,
             start_after,
         } => {
-            let mut entries = tree::list_dir(root(dirs, *dir)?, path)?;
-            if let Some(after) = start_after {
-                entries.retain(|entry| entry.name > *after);
-            }
-            let more = entries.len() > MAX_LIST_ENTRIES as usize;
-            entries.truncate(MAX_LIST_ENTRIES as usize);
+            let (entries, more) = tree::list_dir_page(
+                root(dirs, *dir)?,
+                path,
+                start_after.as_deref(),
+                MAX_LIST_ENTRIES as usize,
+            )?;
             Ok(ReplyBody::ListDir { entries, more })
         }
         RequestBody::Barrier { durable } => {
@@ -123,5 +123,90 @@ fn body(dirs: &[OwnedFd], request: &RequestBody) -> io::Result<ReplyBody> {
             }
             Ok(ReplyBody::Barrier)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use safekit_protocol::replication::RelPath;
+
+    fn ask(dirs: &[OwnedFd], body: RequestBody) -> ReplyBody {
+        answer(dirs, &ResyncRequest { id: 7, body }).body
+    }
+
+    #[test]
+    fn listings_page_and_checksums_describe_the_replica() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let many = tmp.path().join("many");
+        std::fs::create_dir(&many).expect("mkdir");
+        let count = MAX_LIST_ENTRIES as usize + 5;
+        for index in 0..count {
+            std::fs::write(many.join(format!("{index:05}")), b"").expect("write");
+        }
+        std::fs::write(tmp.path().join("data"), vec![7u8; 5000]).expect("write");
+        let dirs = vec![
+            rustix::fs::open(
+                tmp.path(),
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .expect("open"),
+        ];
+        let mut names = Vec::new();
+        let mut start_after = None;
+        loop {
+            let ReplyBody::ListDir { entries, more } = ask(
+                &dirs,
+                RequestBody::ListDir {
+                    dir: 0,
+                    path: RelPath::parse(b"many").expect("valid"),
+                    start_after: start_after.clone(),
+                },
+            ) else {
+                panic!("not a listing");
+            };
+            names.extend(entries.into_iter().map(|entry| entry.name));
+            start_after = names.last().cloned();
+            if !more {
+                break;
+            }
+        }
+        let expected: Vec<Vec<u8>> = (0..count)
+            .map(|index| format!("{index:05}").into_bytes())
+            .collect();
+        assert_eq!(names, expected);
+
+        let ReplyBody::Checksums { meta, hashes } = ask(
+            &dirs,
+            RequestBody::Checksums {
+                dir: 0,
+                path: RelPath::parse(b"data").expect("valid"),
+                block_size: 4096,
+                first_block: 0,
+                count: 8,
+            },
+        ) else {
+            panic!("not checksums");
+        };
+        assert_eq!(meta.map(|meta| meta.size), Some(5000));
+        assert_eq!(
+            hashes,
+            vec![tree::hash(&[7u8; 4096]), tree::hash(&[7u8; 904])]
+        );
+        assert_eq!(
+            ask(
+                &dirs,
+                RequestBody::Stat {
+                    dir: 0,
+                    path: RelPath::parse(b"absent/x").expect("valid"),
+                }
+            ),
+            ReplyBody::Stat(None)
+        );
+        assert_eq!(
+            ask(&dirs, RequestBody::Barrier { durable: true }),
+            ReplyBody::Barrier
+        );
     }
 }

@@ -159,15 +159,38 @@ pub(crate) fn open_regular(
 /// # Errors
 /// The directory cannot be opened or read.
 pub(crate) fn list_dir(root: BorrowedFd<'_>, path: &RelPath) -> io::Result<Vec<DirEntry>> {
+    list_dir_page(root, path, None, usize::MAX).map(|(entries, _)| entries)
+}
+
+/// Like [`list_dir`], but only the first `limit` entries named after
+/// `start_after`, and whether more follow (names are read and sorted first,
+/// so only the page's entries cost an `lstat`).
+///
+/// # Errors
+/// The directory cannot be opened or read.
+pub(crate) fn list_dir_page(
+    root: BorrowedFd<'_>,
+    path: &RelPath,
+    start_after: Option<&[u8]>,
+    limit: usize,
+) -> io::Result<(Vec<DirEntry>, bool)> {
     let fd = open_dir(root, path, OFlags::RDONLY)?;
     let mut dir = rustix::fs::Dir::read_from(&fd).map_err(errno)?;
-    let mut entries = Vec::new();
+    let mut names = Vec::new();
     while let Some(entry) = dir.read() {
         let entry = entry.map_err(errno)?;
         let name = entry.file_name().to_bytes();
-        if name == b"." || name == b".." {
+        if name == b"." || name == b".." || start_after.is_some_and(|after| name <= after) {
             continue;
         }
+        names.push(name.to_vec());
+    }
+    names.sort();
+    let more = names.len() > limit;
+    names.truncate(limit);
+    let mut entries = Vec::with_capacity(names.len());
+    for name in names {
+        let name = name.as_slice();
         let stat = match rustix::fs::statat(&fd, name, AtFlags::SYMLINK_NOFOLLOW) {
             Ok(stat) => stat,
             // Removed while we listed: it is simply not there.
@@ -180,8 +203,7 @@ pub(crate) fn list_dir(root: BorrowedFd<'_>, path: &RelPath) -> io::Result<Vec<D
             meta: meta(&stat, target),
         });
     }
-    entries.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(entries)
+    Ok((entries, more))
 }
 
 /// Reads up to `buf.len()` bytes at `offset`, short only at end of file.

@@ -436,6 +436,33 @@ impl Sender {
         }
     }
 
+    /// Waits until `bytes` more would keep the unacknowledged bytes within
+    /// `limit`, or the role is no longer `Replicating`, at most `timeout`;
+    /// returns whether there is room. Lets a background sender (the resync)
+    /// leave the rest of the window to live operations.
+    pub fn wait_for_room(&self, bytes: usize, limit: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.shared.lock();
+        loop {
+            if state.role != Role::Replicating {
+                return false;
+            }
+            if state.pending.is_empty() || state.in_flight_bytes + bytes <= limit {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            state = self
+                .shared
+                .changed
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
     /// Where the stream is: `(issued, settled)`. Every operation with a
     /// sequence number below `issued` has been queued; every one below
     /// `settled` is acknowledged by the peer or recorded durably in the dirty
