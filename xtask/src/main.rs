@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod demo;
 mod fuzz;
 mod pjdfs;
 mod tidy;
@@ -50,6 +51,13 @@ enum Task {
     Tidy,
     /// Benchmark the data path (plain, mount, replicated in each mode) into BENCHMARKS.md; needs root and fio.
     Bench(bench::BenchArgs),
+    /// Walk through a failover on two nodes and a client in namespaces (root, python3): the README's demo.
+    Demo(demo::DemoArgs),
+    /// Open a shell inside a node (node1, node2, client) of a cluster kept by `cargo xtask demo --keep`.
+    Shell {
+        /// The node: node1, node2 or client.
+        node: String,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -65,6 +73,8 @@ fn main() -> anyhow::Result<()> {
         Task::Tidy => tidy::run(&root),
         Task::Pjdfstest => pjdfs::run_suite(&root),
         Task::Bench(args) => bench::run(&root, args),
+        Task::Demo(args) => demo::run(&root, args),
+        Task::Shell { node } => demo::shell(&node),
     }
 }
 
