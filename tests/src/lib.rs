@@ -51,11 +51,11 @@
 //! A network namespace can be named and kept alive by `ip netns add`; mount,
 //! UTS and PID namespaces cannot. Each node therefore has an *anchor*:
 //! `ip netns exec <netns> unshare --mount --uts --pid --fork --kill-child
-//! --mount-proc --propagation slave -- sh -c "trap '' CHLD; exec sleep infinity"`.
+//! --mount-proc --propagation slave -- perl -e '$SIG{CHLD}="IGNORE"; ...'`.
 //! `ip netns exec` gives it a `/sys` that shows the node's own interfaces (so
 //! `/sys/class/net/eth0/carrier` reads the node's link state); `unshare` gives
 //! it a mount namespace, a hostname and a PID namespace of its own, with its
-//! own `/proc`. The `sleep` is pid 1 of the node; it ignores SIGCHLD, so the
+//! own `/proc`. The perl loop is pid 1 of the node; it ignores SIGCHLD, so the
 //! kernel reaps the orphans it adopts. Every command later runs as
 //! `nsenter --target <node's pid 1> --mount --uts --net --pid -- sh -c <command>`.
 //!

@@ -82,7 +82,7 @@ pub struct Node {
 /// `unshare` (our child) and the node's init, its child, pid 1 in the node.
 #[derive(Debug)]
 pub(crate) struct Anchor {
-    /// Host pid of the node's init (`sleep infinity` ignoring SIGCHLD, so
+    /// Host pid of the node's init (a perl loop ignoring SIGCHLD, so
     /// that orphans it adopts are reaped by the kernel).
     init: u32,
     /// `unshare --fork --kill-child`: killing it kills the init, and with the
@@ -625,9 +625,16 @@ fn start_anchor(netns: &str, ctx: &Context) -> Result<Anchor> {
             "--propagation",
             "slave",
         ])
-        // `trap '' CHLD` makes SIGCHLD ignored, which survives `exec`: the
-        // kernel then reaps the orphans the node's init adopts.
-        .args(["--", "sh", "-c", "trap '' CHLD; exec sleep infinity"])
+        // The node's init ignores SIGCHLD, so the kernel reaps the orphans it
+        // adopts (a daemon started by `start_prim` whose parent exited). A
+        // shell's `trap '' CHLD` does not reliably survive `exec`, so perl
+        // (Essential on Debian) sets the disposition itself and stays pid 1.
+        .args([
+            "--",
+            "perl",
+            "-e",
+            "$SIG{CHLD} = 'IGNORE'; while (1) { sleep 3600 }",
+        ])
         .env(MARKER_VAR, &ctx.id)
         .current_dir("/")
         .stdin(Stdio::null())
@@ -646,10 +653,10 @@ fn start_anchor(netns: &str, ctx: &Context) -> Result<Anchor> {
         Duration::from_millis(2),
         || {
             // `ip netns exec` execs `unshare`, which forks the init once the
-            // namespaces exist; the init then execs `sleep`.
+            // namespaces exist; the init then execs perl.
             init = sys::children(pid).into_iter().find(|child| {
                 fs::read_to_string(format!("/proc/{child}/comm"))
-                    .is_ok_and(|comm| comm.trim() == "sleep")
+                    .is_ok_and(|comm| comm.trim() == "perl")
             });
             init.is_some()
         },

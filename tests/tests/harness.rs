@@ -487,13 +487,13 @@ fn each_node_sees_only_its_own_processes() {
         || {
             node1
                 .run_ok("pgrep -x sleep")
-                .is_ok_and(|pids| pids.lines().count() == 2)
+                .is_ok_and(|pids| pids.lines().count() == 1)
                 && node2
                     .run_ok("pgrep -x sleep")
-                    .is_ok_and(|pids| pids.lines().count() == 2)
+                    .is_ok_and(|pids| pids.lines().count() == 1)
         },
     )
-    .expect("each node sees its init and its own sleep, nothing else");
+    .expect("each node sees its own sleep, nothing else");
 
     // A stop script's `pkill` on node1 does not touch node2.
     node1
@@ -731,4 +731,28 @@ fn a_rate_limited_link_drops_a_flood_and_a_cleared_one_does_not() {
     node2.clear_rate_limit(0).expect("clear the limit");
     let free = node1.run(&flood).expect("flood without limit");
     assert_eq!(received(&free), 100, "{}", free.stdout);
+}
+
+#[test]
+fn orphans_of_a_node_are_reaped_by_its_init() {
+    if !require_root() {
+        return;
+    }
+    let cluster = Cluster::builder().nodes(1).build().expect("build cluster");
+    let node = cluster.node(1);
+    // A start script that backgrounds a daemon and exits leaves the daemon to
+    // the node's init; when the daemon dies it must not stay a zombie.
+    node.run_ok("sh -c 'sleep 0.2 &' ; exit 0")
+        .expect("start an orphan");
+    wait_until(
+        "the orphan to exit and be reaped",
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || {
+            node.run_ok("ps -eo stat=,comm=").is_ok_and(|ps| {
+                !ps.lines().any(|l| l.trim_start().starts_with('Z')) && !ps.contains("sleep")
+            })
+        },
+    )
+    .expect("no zombie left in the node");
 }
