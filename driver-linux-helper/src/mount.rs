@@ -22,15 +22,25 @@
 //! descriptors are served until the process exits and then get `ENOTCONN`
 //! (the agent stops the application before it unmounts). `safekit-rfs`
 //! unmounts this way on SIGTERM, SIGINT and the control socket's `unmount`.
+//!
+//! Activity log: a mount given one ([`MountConfig::activity_log`]) records
+//! the files it changes in it, and (unless told otherwise) runs a small
+//! background thread that calls [`ActivityLog::checkpoint`] every
+//! [`CHECKPOINT_INTERVAL`], so that settled files leave the hot set; the
+//! thread stops when the mount is unmounted (or dropped).
 
 use std::io;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::Duration;
 
 use fuser::{BackgroundSession, Config, MountOption, SessionACL};
 use rustix::fs::{Mode, OFlags};
 
+use crate::activity::ActivityLog;
 use crate::fs::{FsOptions, FsStats, ReplicatedFs};
 use crate::replicator::Replicator;
 use crate::resync::locks::FileLocks;
@@ -40,6 +50,78 @@ const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
 
 /// Number of FUSE worker threads (each with its own cloned `/dev/fuse` descriptor).
 pub const WORKER_THREADS: usize = 4;
+
+/// How often a mount's background thread checkpoints its activity log.
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Everything [`mount_over_with`] needs besides the directory and the replicator.
+#[derive(Debug, Clone)]
+pub struct MountConfig {
+    /// Settings of the file system.
+    pub fs: FsOptions,
+    /// The module's lock table shared with its resync engine (see [`ReplicatedFs::with_file_locks`]).
+    pub locks: Option<Arc<FileLocks>>,
+    /// The module's activity log (see [`ReplicatedFs::with_activity_log`]).
+    pub activity_log: Option<Arc<ActivityLog>>,
+    /// How often the mount checkpoints the activity log from a background
+    /// thread; `None` when someone else does (another mount of the same
+    /// module sharing the log, or the caller). Ignored without a log.
+    pub checkpoint_interval: Option<Duration>,
+}
+
+impl MountConfig {
+    /// No lock table, no activity log.
+    pub fn new(fs: FsOptions) -> Self {
+        MountConfig {
+            fs,
+            locks: None,
+            activity_log: None,
+            checkpoint_interval: Some(CHECKPOINT_INTERVAL),
+        }
+    }
+}
+
+/// The thread that checkpoints an activity log periodically; stopped on drop.
+#[derive(Debug)]
+struct Checkpointer {
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    fn start(log: Arc<ActivityLog>, interval: Duration) -> io::Result<Self> {
+        let (stop, stopped) = mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("rfs-activity".to_owned())
+            .spawn(move || {
+                // Any message, or the sender dropped, stops the thread.
+                while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(interval) {
+                    match log.checkpoint() {
+                        Ok(0) => {}
+                        Ok(cold) => tracing::trace!(cold, "activity log checkpoint"),
+                        Err(error) => {
+                            tracing::warn!(%error, "activity log checkpoint failed; files stay hot");
+                        }
+                    }
+                }
+            })?;
+        Ok(Checkpointer {
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            tracing::error!("the activity log checkpoint thread panicked");
+        }
+    }
+}
 
 /// Why a directory could not be mounted or unmounted.
 #[derive(Debug, thiserror::Error)]
@@ -135,6 +217,7 @@ pub struct MountedDir {
     path: PathBuf,
     session: Option<BackgroundSession>,
     stats: Arc<FsStats>,
+    checkpointer: Option<Checkpointer>,
 }
 
 /// Mounts a [`ReplicatedFs`] over `path` (see the module documentation).
@@ -146,7 +229,7 @@ pub fn mount_over(
     replicator: Arc<dyn Replicator>,
     options: FsOptions,
 ) -> Result<MountedDir, MountError> {
-    mount_over_inner(path, replicator, options, None)
+    mount_over_with(path, replicator, MountConfig::new(options))
 }
 
 /// Like [`mount_over`], sharing the module's lock table with its resync
@@ -160,15 +243,28 @@ pub fn mount_over_with_locks(
     options: FsOptions,
     locks: Arc<FileLocks>,
 ) -> Result<MountedDir, MountError> {
-    mount_over_inner(path, replicator, options, Some(locks))
+    let mut config = MountConfig::new(options);
+    config.locks = Some(locks);
+    mount_over_with(path, replicator, config)
 }
 
-fn mount_over_inner(
+/// Mounts a [`ReplicatedFs`] over `path` with everything [`MountConfig`]
+/// holds: the lock table shared with the resync engine, the activity log and
+/// its checkpoint thread.
+///
+/// # Errors
+/// Any [`MountError`].
+pub fn mount_over_with(
     path: &Path,
     replicator: Arc<dyn Replicator>,
-    options: FsOptions,
-    locks: Option<Arc<FileLocks>>,
+    mount_config: MountConfig,
 ) -> Result<MountedDir, MountError> {
+    let MountConfig {
+        fs: options,
+        locks,
+        activity_log,
+        checkpoint_interval,
+    } = mount_config;
     recover_stale_mount(path)?;
     let fd = open_underlying(path)?;
     let mut fs = ReplicatedFs::new(fd, replicator, options).map_err(|source| MountError::Open {
@@ -177,6 +273,9 @@ fn mount_over_inner(
     })?;
     if let Some(locks) = locks {
         fs = fs.with_file_locks(locks);
+    }
+    if let Some(log) = &activity_log {
+        fs = fs.with_activity_log(Arc::clone(log));
     }
     let stats = fs.stats();
     let mut config = Config::default();
@@ -196,12 +295,24 @@ fn mount_over_inner(
             path: path.to_path_buf(),
             source,
         })?;
-    tracing::info!(path = %path.display(), mode = ?options.mode, "mounted");
-    Ok(MountedDir {
+    let mut mounted = MountedDir {
         path: path.to_path_buf(),
         session: Some(session),
         stats,
-    })
+        checkpointer: None,
+    };
+    if let (Some(log), Some(interval)) = (activity_log, checkpoint_interval) {
+        // On failure `mounted` is dropped, which unmounts.
+        mounted.checkpointer =
+            Some(
+                Checkpointer::start(log, interval).map_err(|source| MountError::Mount {
+                    path: path.to_path_buf(),
+                    source,
+                })?,
+            );
+    }
+    tracing::info!(path = %path.display(), mode = ?options.mode, "mounted");
+    Ok(mounted)
 }
 
 impl MountedDir {
@@ -224,6 +335,8 @@ impl MountedDir {
     }
 
     fn unmount_inner(&mut self) -> Result<(), MountError> {
+        // No checkpoint after the mount is gone (the owner may close the log).
+        drop(self.checkpointer.take());
         let Some(session) = self.session.take() else {
             return Ok(());
         };

@@ -18,8 +18,9 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 
 use rustix::fs::{Mode, OFlags};
+use safekit_linux_helper::activity::{ActivityLog, StreamPosition};
 use safekit_linux_helper::fs::{FsOptions, SyncMode};
-use safekit_linux_helper::mount::{self, MountedDir};
+use safekit_linux_helper::mount::{self, MountConfig, MountedDir};
 use safekit_linux_helper::replicator::{ReplicateOutcome, Replicator, WaitFor};
 use safekit_protocol::replication::{Op, RelPath, TimeSet, rename_flags};
 
@@ -81,6 +82,16 @@ impl Fixture {
 
     /// `setup` prepares the directory before the mount.
     fn with_setup(mode: SyncMode, replicate_xattrs: bool, setup: impl FnOnce(&Path)) -> Fixture {
+        Self::build(mode, replicate_xattrs, setup, |_| {})
+    }
+
+    /// Like [`Fixture::with_setup`]; `configure` completes the mount's configuration.
+    fn build(
+        mode: SyncMode,
+        replicate_xattrs: bool,
+        setup: impl FnOnce(&Path),
+        configure: impl FnOnce(&mut MountConfig),
+    ) -> Fixture {
         assert!(
             rustix::process::geteuid().is_root(),
             "these tests need root (CI runs them as root)"
@@ -103,8 +114,10 @@ impl Fixture {
             mode,
             replicate_xattrs,
         };
-        let mount =
-            mount::mount_over(&dir, recorder.clone(), options).expect("mount over the directory");
+        let mut config = MountConfig::new(options);
+        configure(&mut config);
+        let mount = mount::mount_over_with(&dir, recorder.clone(), config)
+            .expect("mount over the directory");
         Fixture {
             mount: Some(mount),
             under,
@@ -999,4 +1012,416 @@ fn replicated_to_a_receiver_on_loopback_the_two_trees_are_identical() {
     }
     assert_eq!(sender.stats().apply_errors, 0);
     drop(mounted.0.take().map(MountedDir::unmount));
+}
+
+/// The files the activity log at `path` holds hot on disk (read from another handle).
+fn hot_on_disk(path: &Path) -> Vec<(u16, RelPath)> {
+    ActivityLog::load(path).expect("load the activity log")
+}
+
+#[test]
+fn with_an_activity_log_every_changed_name_is_on_disk_before_the_call_returns() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let log_path = tmp.path().join("activity.log");
+    let log = Arc::new(ActivityLog::open(&log_path, 64, None).expect("open the activity log"));
+    let fx = Fixture::build(
+        SyncMode::Strict,
+        false,
+        |dir| {
+            for name in ["existing", "gone", "attr"] {
+                fs::write(dir.join(name), b"before the mount").expect("write before the mount");
+            }
+        },
+        |config| {
+            config.activity_log = Some(log.clone());
+            config.checkpoint_interval = None;
+        },
+    );
+    let hot = |path: &str| hot_on_disk(&log_path).contains(&(3, rel(path)));
+
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .open(fx.path("existing"))
+        .expect("open an existing file");
+    assert!(!hot("existing"), "opening changes nothing");
+    file.write_all(b"changed").expect("write");
+    assert!(hot("existing"), "on disk as hot once the write returned");
+    drop(file);
+
+    fs::set_permissions(fx.path("attr"), fs::Permissions::from_mode(0o600)).expect("chmod");
+    assert!(hot("attr"));
+    fs::create_dir(fx.path("d")).expect("mkdir");
+    assert!(hot("d"));
+    fs::write(fx.path("d/new"), b"new").expect("create");
+    assert!(hot("d/new"));
+    fs::rename(fx.path("d/new"), fx.path("d/renamed")).expect("rename");
+    assert!(hot("d/new") && hot("d/renamed"), "both names of a rename");
+    std::os::unix::fs::symlink("d/renamed", fx.path("sym")).expect("symlink");
+    assert!(hot("sym"));
+    fs::remove_file(fx.path("gone")).expect("unlink");
+    assert!(hot("gone"));
+    // Every change was shipped too.
+    let ops = fx.recorder.take();
+    assert!(ops.iter().any(|(op, _)| matches!(
+        op,
+        Op::Create {
+            exclusive: true,
+            ..
+        }
+    )));
+
+    // Without a replication stream a file settles when its change returned;
+    // it leaves at the second checkpoint that saw no write of it.
+    log.checkpoint().expect("checkpoint");
+    log.checkpoint().expect("checkpoint");
+    assert_eq!(log.hot_files(), vec![]);
+    assert_eq!(hot_on_disk(&log_path), vec![]);
+}
+
+#[test]
+fn the_mounts_checkpoint_thread_lets_settled_files_go_cold_and_stops_at_unmount() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let log_path = tmp.path().join("activity.log");
+    let log = Arc::new(ActivityLog::open(&log_path, 64, None).expect("open the activity log"));
+    let mut fx = Fixture::build(
+        SyncMode::Strict,
+        false,
+        |_| {},
+        |config| {
+            config.activity_log = Some(log.clone());
+            config.checkpoint_interval = Some(std::time::Duration::from_millis(10));
+        },
+    );
+    fs::write(fx.path("file"), b"data").expect("create and write");
+    // Recorded before the call returned; the thread then checkpoints it away.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !log.hot_files().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the checkpoint thread never made the settled file cold"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(hot_on_disk(&log_path), vec![]);
+    fx.mount
+        .take()
+        .expect("mounted")
+        .unmount()
+        .expect("unmount");
+    assert_eq!(
+        Arc::strong_count(&log),
+        1,
+        "neither the file system nor the checkpoint thread keeps the log after unmount"
+    );
+}
+
+/// A mount over `primary` replicating to a receiver on loopback over `replica`.
+struct Replicated {
+    mount: Option<MountedDir>,
+    sender: Arc<safekit_linux_helper::transport::Sender>,
+    _receiver: safekit_linux_helper::transport::Receiver,
+}
+
+impl Replicated {
+    fn start(
+        primary: &Path,
+        replica: &Path,
+        dirty_log: &Path,
+        configure: impl FnOnce(&Arc<safekit_linux_helper::transport::Sender>, &mut MountConfig),
+    ) -> Replicated {
+        use safekit_linux_helper::dirty::DirtyLog;
+        use safekit_linux_helper::transport::{Receiver, Sender, SenderConfig};
+        let secret = b"loopback test secret".to_vec();
+        let replica_fd = rustix::fs::open(
+            replica,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .expect("open replica");
+        let receiver = Receiver::bind_serving_resync(
+            "127.0.0.1:0",
+            secret.clone(),
+            "mirror",
+            vec![replica_fd],
+        )
+        .expect("receiver listens");
+        let dirty = Arc::new(DirtyLog::open(dirty_log).expect("dirty log"));
+        let sender = Arc::new(
+            Sender::new(SenderConfig::new(
+                receiver.local_addr(),
+                secret,
+                "mirror",
+                dirty,
+            ))
+            .expect("sender starts"),
+        );
+        while !sender.stats().connected {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let mut config = MountConfig::new(FsOptions {
+            dir_index: 0,
+            mode: SyncMode::Strict,
+            replicate_xattrs: false,
+        });
+        configure(&sender, &mut config);
+        let mount = mount::mount_over_with(primary, sender.clone(), config).expect("mount");
+        Replicated {
+            mount: Some(mount),
+            sender,
+            _receiver: receiver,
+        }
+    }
+}
+
+impl Drop for Replicated {
+    fn drop(&mut self) {
+        if let Some(mount) = self.mount.take()
+            && let Err(error) = mount.unmount()
+        {
+            eprintln!("unmount failed: {error}");
+        }
+    }
+}
+
+fn two_dirs(tmp: &Path) -> (PathBuf, PathBuf) {
+    fs::set_permissions(tmp, fs::Permissions::from_mode(0o755)).expect("chmod temp dir");
+    let (primary, replica) = (tmp.join("primary"), tmp.join("replica"));
+    for dir in [&primary, &replica] {
+        fs::create_dir(dir).expect("mkdir");
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o777)).expect("chmod");
+    }
+    (primary, replica)
+}
+
+#[test]
+fn a_written_file_leaves_the_activity_log_once_the_peer_acknowledged_it() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let (primary, replica) = two_dirs(tmp.path());
+    let log_path = tmp.path().join("activity.log");
+    // The file exists on both sides: only the write can record it.
+    for dir in [&primary, &replica] {
+        fs::write(dir.join("file"), b"").expect("create before the mount");
+    }
+    let mut log = None;
+    let mut replicated = Replicated::start(
+        &primary,
+        &replica,
+        &tmp.path().join("dirty.log"),
+        |sender, config| {
+            let position: Arc<dyn StreamPosition> = sender.clone();
+            let opened = Arc::new(
+                ActivityLog::open(&log_path, 64, Some(position)).expect("open the activity log"),
+            );
+            config.activity_log = Some(opened.clone());
+            config.checkpoint_interval = None;
+            log = Some(opened);
+        },
+    );
+    let log = log.expect("log opened");
+    let file_key = (0, rel("file"));
+
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .open(primary.join("file"))
+        .expect("open");
+    assert!(!hot_on_disk(&log_path).contains(&file_key));
+    file.write_all(b"replicated").expect("write");
+    assert!(
+        hot_on_disk(&log_path).contains(&file_key),
+        "hot on disk while the file is being written"
+    );
+    drop(file);
+    // fsync of the directory returns once the peer made everything before it durable.
+    fs::File::open(&primary)
+        .expect("open the directory")
+        .sync_all()
+        .expect("fsyncdir");
+    assert_eq!(
+        fs::read(replica.join("file")).expect("replica has the file"),
+        b"replicated"
+    );
+    let (issued, settled) = replicated.sender.stream_position();
+    assert_eq!(issued, settled, "everything shipped is acknowledged");
+
+    log.checkpoint().expect("checkpoint");
+    log.checkpoint().expect("checkpoint");
+    assert!(!log.hot_files().contains(&file_key));
+    assert!(!hot_on_disk(&log_path).contains(&file_key));
+    drop(replicated.mount.take().map(MountedDir::unmount));
+}
+
+/// Kind, mode, owner, size and content of every entry beneath `root` (no times).
+fn contents(root: &Path) -> Vec<(String, u32, u32, u64, Vec<u8>)> {
+    snapshot(root)
+        .into_iter()
+        .map(|entry| {
+            let size = if entry.mode & libc::S_IFMT == libc::S_IFDIR {
+                0
+            } else {
+                entry.size
+            };
+            (entry.path, entry.mode, entry.uid, size, entry.content)
+        })
+        .collect()
+}
+
+#[test]
+fn a_full_resync_while_applications_rename_create_and_delete_through_the_mount_ends_identical() {
+    use safekit_linux_helper::resync::{
+        FileLocks, ResyncConfig, ResyncEngine, ResyncKind, ResyncOutcome,
+    };
+    use std::os::unix::fs::FileExt;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let (primary, replica) = two_dirs(tmp.path());
+    let big_size: u64 = 16 << 20;
+    let block = |i: u64| -> Vec<u8> {
+        (0..64 * 1024u64)
+            .map(|j| (i.wrapping_mul(31) ^ j.wrapping_mul(7)) as u8)
+            .collect()
+    };
+    {
+        let big = fs::File::create(primary.join("big")).expect("create big");
+        for i in 0..big_size / (64 * 1024) {
+            big.write_all_at(&block(i), i * 64 * 1024)
+                .expect("write big");
+        }
+    }
+    // The replica starts with a stale copy of the big file (every 8th block differs).
+    fs::copy(primary.join("big"), replica.join("big")).expect("copy");
+    {
+        let stale = fs::OpenOptions::new()
+            .write(true)
+            .open(replica.join("big"))
+            .expect("open the replica's copy");
+        for i in (0..big_size / (64 * 1024)).step_by(8) {
+            stale
+                .write_all_at(b"stale", i * 64 * 1024)
+                .expect("stale write");
+        }
+    }
+    for d in 0..3 {
+        fs::create_dir(primary.join(format!("d{d}"))).expect("mkdir");
+        for f in 0..10 {
+            fs::write(
+                primary.join(format!("d{d}/f{f}")),
+                format!("file {d}/{f}").repeat(100 * (f + 1)),
+            )
+            .expect("populate");
+        }
+    }
+    let primary_fd = rustix::fs::open(
+        &primary,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .expect("open primary before the mount");
+    let locks = Arc::new(FileLocks::new());
+    let mut replicated = Replicated::start(
+        &primary,
+        &replica,
+        &tmp.path().join("dirty.log"),
+        |_, config| config.locks = Some(locks.clone()),
+    );
+    let engine = ResyncEngine::new(
+        ResyncConfig::new(tmp.path().join("resync.cursor")),
+        replicated.sender.clone(),
+        vec![primary_fd],
+        locks.clone(),
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let big_name = Arc::new(Mutex::new(String::from("big")));
+    let rewrites = Arc::new(AtomicU64::new(0));
+    let rewriter = {
+        let (primary, stop, big_name, rewrites) = (
+            primary.clone(),
+            stop.clone(),
+            big_name.clone(),
+            rewrites.clone(),
+        );
+        std::thread::spawn(move || {
+            let mut round = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                round += 1;
+                let name = big_name.lock().expect("name");
+                let file = fs::OpenOptions::new()
+                    .write(true)
+                    .open(primary.join(name.as_str()))
+                    .expect("open the big file through the mount");
+                let offset = (round * 7919 * 4096) % (big_size - 8192);
+                file.write_all_at(&[round as u8; 8192], offset)
+                    .expect("write through the mount");
+                rewrites.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    let namer = {
+        let (primary, stop, big_name) = (primary.clone(), stop.clone(), big_name.clone());
+        std::thread::spawn(move || {
+            let mut round = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                round += 1;
+                let name = primary.join(format!("d{}/new{round}", round % 3));
+                fs::write(&name, format!("new {round}").repeat(1000)).expect("create");
+                match round % 3 {
+                    0 => fs::remove_file(&name).expect("unlink"),
+                    1 => fs::rename(
+                        &name,
+                        primary.join(format!("d{}/moved{round}", (round + 1) % 3)),
+                    )
+                    .expect("rename"),
+                    _ => {}
+                }
+                if round % 4 == 1 {
+                    // Rename a file that was there before, maybe before its resync.
+                    let (d, f) = ((round / 4) % 3, (round / 4) % 10);
+                    let from = primary.join(format!("d{d}/f{f}"));
+                    if from.exists() {
+                        fs::rename(&from, primary.join(format!("d{}/r{round}", (d + 1) % 3)))
+                            .expect("rename an old file");
+                    }
+                }
+                if round.is_multiple_of(2) {
+                    // Rename the big file, sometimes while it is being resynced.
+                    let mut current = big_name.lock().expect("name");
+                    let next = if current.as_str() == "big" {
+                        "big.renamed"
+                    } else {
+                        "big"
+                    };
+                    fs::rename(primary.join(current.as_str()), primary.join(next))
+                        .expect("rename big");
+                    *current = next.to_owned();
+                }
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+        })
+    };
+    let outcome = engine.run(ResyncKind::Full);
+    stop.store(true, Ordering::SeqCst);
+    rewriter.join().expect("rewriter");
+    namer.join().expect("namer");
+    assert!(
+        matches!(outcome, Ok(ResyncOutcome::Completed { .. })),
+        "{outcome:?}"
+    );
+    assert!(
+        rewrites.load(Ordering::Relaxed) > 0,
+        "the writer ran during the resync"
+    );
+    // Everything shipped before is on the replica once the directory's fsync returned.
+    fs::File::open(&primary)
+        .expect("open the directory")
+        .sync_all()
+        .expect("fsyncdir");
+    // Unmounted, the directory shows the underlying tree.
+    replicated
+        .mount
+        .take()
+        .expect("mounted")
+        .unmount()
+        .expect("unmount");
+    assert_eq!(contents(&primary), contents(&replica));
 }

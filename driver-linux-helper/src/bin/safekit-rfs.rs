@@ -2,9 +2,12 @@
 //!
 //! - `safekit-rfs mount --dir PATH [--dir PATH2] [--mode strict|fsync-only]
 //!   [--control SOCKET] [--replication off|peer --peer ADDR --secret-file F
-//!   --module NAME --dirty-log FILE] [--acl]` mounts [`ReplicatedFs`] over each
-//!   directory in the foreground, until SIGTERM/SIGINT or the control socket's
-//!   `unmount`, then unmounts cleanly.
+//!   --module NAME --dirty-log FILE] [--activity-log FILE] [--acl]` mounts
+//!   [`ReplicatedFs`] over each directory in the foreground, until
+//!   SIGTERM/SIGINT or the control socket's `unmount`, then unmounts cleanly.
+//!   With `--activity-log`, the files with changes in flight are recorded
+//!   there (see `safekit_linux_helper::activity`); the files found hot when
+//!   it is opened (a crash) stay hot until a resync covered them.
 //! - `safekit-rfs receive --dir PATH [--dir PATH2] --listen ADDR --secret-file F
 //!   --module NAME` is the secondary side: applies the primary's stream beneath
 //!   the directories until SIGTERM/SIGINT.
@@ -22,9 +25,10 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use nix::sys::signal::{SigSet, Signal};
+use safekit_linux_helper::activity::{ActivityLog, StreamPosition};
 use safekit_linux_helper::control::{self, ControlRequest, ControlState};
 use safekit_linux_helper::fs::{FsOptions, FsStats, SyncMode};
-use safekit_linux_helper::mount::{self, MountedDir};
+use safekit_linux_helper::mount::{self, MountConfig, MountedDir};
 use safekit_linux_helper::replicator::{ReplicationOff, Replicator};
 use safekit_linux_helper::transport::{Role, Sender, SenderConfig};
 
@@ -88,6 +92,12 @@ enum Command {
         /// Also replicate extended attributes and ACLs (`acl="on"`).
         #[arg(long)]
         acl: bool,
+        /// Record the files with changes in flight in this activity log (one per module).
+        #[arg(long)]
+        activity_log: Option<PathBuf>,
+        /// Files the activity log keeps hot before it evicts settled ones.
+        #[arg(long, default_value_t = 1024)]
+        activity_log_files: usize,
     },
     /// Apply a primary's replication stream beneath the directories (secondary side).
     Receive {
@@ -200,6 +210,8 @@ fn main() -> anyhow::Result<()> {
             dirty_log,
             replication_timeout_ms,
             acl,
+            activity_log,
+            activity_log_files,
         } => {
             let (requests_tx, requests_rx) = mpsc::channel();
             // Bind the control socket first: its file must be private from the start.
@@ -233,6 +245,27 @@ fn main() -> anyhow::Result<()> {
                 Some(sender) => sender.clone(),
                 None => Arc::new(ReplicationOff),
             };
+            let activity_log = match &activity_log {
+                Some(path) => {
+                    let position: Option<Arc<dyn StreamPosition>> = match &sender {
+                        Some(sender) => Some(sender.clone()),
+                        None => None,
+                    };
+                    let log = ActivityLog::open(path, activity_log_files, position).with_context(
+                        || format!("cannot open the activity log {}", path.display()),
+                    )?;
+                    let recovered = log.hot_files().len();
+                    if recovered > 0 {
+                        tracing::warn!(
+                            recovered,
+                            path = %path.display(),
+                            "the activity log holds files from before a crash; they stay hot until a resync covers them"
+                        );
+                    }
+                    Some(Arc::new(log))
+                }
+                None => None,
+            };
             let sync_mode = match mode {
                 ModeArg::Strict => SyncMode::Strict,
                 ModeArg::FsyncOnly => SyncMode::FsyncOnly,
@@ -245,7 +278,13 @@ fn main() -> anyhow::Result<()> {
                     mode: sync_mode,
                     replicate_xattrs: acl,
                 };
-                match mount::mount_over(dir, replicator.clone(), options) {
+                let mut config = MountConfig::new(options);
+                config.activity_log = activity_log.clone();
+                if index > 0 {
+                    // The first mount (unmounted last) checkpoints the shared log.
+                    config.checkpoint_interval = None;
+                }
+                match mount::mount_over_with(dir, replicator.clone(), config) {
                     Ok(m) => mounted.push(m),
                     Err(error) => {
                         for m in mounted.into_iter().rev() {

@@ -22,6 +22,21 @@
 //! - each inode's `op_lock`, held the same way, so that two changes to one
 //!   file are enqueued in the order they were applied.
 //!
+//! Resync and crash recovery: with [`ReplicatedFs::with_file_locks`] every
+//! change also holds the module's resync lock table ([`FileLocks`]: the data
+//! lock of the file for a data change, the namespace lock for a change of
+//! names) from before the local change until `replicate` returned, after this
+//! layer's own locks, and reports creates, renames and removals on the
+//! namespace guard. With [`ReplicatedFs::with_activity_log`] every name a
+//! change touches (the file of a data change; the new, removed or both
+//! renamed names of a namespace change) is recorded in the activity log
+//! ([`ActivityLog::note_write`]) before the local change, and its ticket kept
+//! until `replicate` returned; when the log cannot be written the request
+//! fails with `EIO` and nothing is changed. The parents whose mtime a
+//! namespace change ships are not recorded: after a crash only their times
+//! may differ, and recording a directory would make the incremental resync
+//! compare its whole subtree.
+//!
 //! Caller credentials: `default_permissions` makes the kernel check every
 //! request with the caller's credentials; creating and changing calls then run
 //! with the caller's fsuid/fsgid on the worker thread ([`creds`]).
@@ -50,6 +65,7 @@ use rustix::fs::{
 };
 use safekit_protocol::replication::{Op, RelPath, TimeSet, Timestamp, rename_flags};
 
+use crate::activity::{ActivityLog, ActivityTicket};
 use crate::replicator::{ReplicateOutcome, Replicator, WaitFor};
 use crate::resync::locks::{DataGuard, FileLocks, NamespaceGuard};
 use inode::{Inode, InodeStore, ROOT_ID};
@@ -158,6 +174,14 @@ pub struct ReplicatedFs {
     options: FsOptions,
     stats: Arc<FsStats>,
     file_locks: Option<Arc<FileLocks>>,
+    activity: Option<Arc<ActivityLog>>,
+}
+
+/// Held around a data change and its `replicate()` call: the resync's data
+/// lock of the file and its activity-log ticket (each when configured).
+struct DataHold<'a> {
+    _ticket: Option<ActivityTicket<'a>>,
+    _guard: Option<DataGuard<'a>>,
 }
 
 impl std::fmt::Debug for ReplicatedFs {
@@ -316,6 +340,7 @@ impl ReplicatedFs {
             options,
             stats: Arc::new(FsStats::default()),
             file_locks: None,
+            activity: None,
         })
     }
 
@@ -328,11 +353,65 @@ impl ReplicatedFs {
         self
     }
 
-    /// The resync's data lock on `inode` (see [`Self::with_file_locks`]).
-    fn data_lock(&self, inode: &Inode) -> Option<DataGuard<'_>> {
-        let locks = self.file_locks.as_ref()?;
-        let path = self.store.path_of(inode)?;
-        Some(locks.data(self.options.dir_index, &path))
+    /// Records every name a change touches in the module's activity log
+    /// before the change (see the module documentation), so that after a
+    /// crash the files with operations in flight are known without a scan.
+    pub fn with_activity_log(mut self, log: Arc<ActivityLog>) -> Self {
+        self.activity = Some(log);
+        self
+    }
+
+    /// Records `path` in the activity log (if any) before a change of it;
+    /// keep the ticket until `replicate` returned.
+    fn note(&self, path: &RelPath) -> Res<Option<ActivityTicket<'_>>> {
+        let Some(log) = &self.activity else {
+            return Ok(None);
+        };
+        match log.note_write(self.options.dir_index, path) {
+            Ok(ticket) => Ok(Some(ticket)),
+            Err(error) => {
+                tracing::error!(%error, ?path, "cannot record the file in the activity log; change refused");
+                Err(Errno::EIO)
+            }
+        }
+    }
+
+    /// Records each of `paths` in the activity log (see [`Self::note`]).
+    fn note_all(&self, paths: &[&Option<RelPath>]) -> Res<Vec<ActivityTicket<'_>>> {
+        let mut tickets = Vec::new();
+        for path in paths.iter().filter_map(|path| path.as_ref()) {
+            tickets.extend(self.note(path)?);
+        }
+        Ok(tickets)
+    }
+
+    /// Takes the resync's data lock on `inode` (see [`Self::with_file_locks`])
+    /// and, when `change`, records it in the activity log: call after this
+    /// layer's own locks, before the local change; hold until `replicate` returned.
+    fn data_hold(&self, inode: &Inode, change: bool) -> Res<DataHold<'_>> {
+        let note = change && self.activity.is_some();
+        if self.file_locks.is_none() && !note {
+            return Ok(DataHold {
+                _ticket: None,
+                _guard: None,
+            });
+        }
+        let Some(path) = self.store.path_of(inode) else {
+            // No name: nothing will be shipped.
+            return Ok(DataHold {
+                _ticket: None,
+                _guard: None,
+            });
+        };
+        let guard = self
+            .file_locks
+            .as_ref()
+            .map(|locks| locks.data(self.options.dir_index, &path));
+        let ticket = if note { self.note(&path)? } else { None };
+        Ok(DataHold {
+            _ticket: ticket,
+            _guard: guard,
+        })
     }
 
     /// The resync's namespace lock (see [`Self::with_file_locks`]).
@@ -633,7 +712,7 @@ impl ReplicatedFs {
         let inode = self.inode(ino)?;
         let _ns = self.namespace.read().expect("namespace lock poisoned");
         let _op = inode.op_lock.lock().expect("inode op lock poisoned");
-        let _data = self.data_lock(&inode);
+        let _data = self.data_hold(&inode, true)?;
         inode.privs_clear.store(false, Ordering::Relaxed);
         let mode_before = rustix::fs::fstat(&inode.fd).map_err(errno)?.st_mode;
         if uid.is_some() || gid.is_some() {
@@ -740,9 +819,13 @@ impl ReplicatedFs {
         let mut make = make;
         crate::sys::clear_thread_umask().map_err(errno)?;
         let _ns = self.namespace.write().expect("namespace lock poisoned");
-        let _names = self.names_lock();
+        let names = self.names_lock();
         let path = self.store.child_path(&parent, name);
+        let _tickets = self.note_all(&[&path])?;
         self.as_caller(req, || make(&parent, name))?;
+        if let (Some(names), Some(path)) = (&names, &path) {
+            names.created(self.options.dir_index, path);
+        }
         let (inode, st) = self.lookup_child(&parent, name)?;
         let main = path.map(|path| (&*inode, op_for(path, &st)));
         self.ship_namespace(main, &[&inode], &[&parent]);
@@ -760,9 +843,10 @@ impl ReplicatedFs {
         let newparent = self.inode(newparent)?;
         let newname = check_name(newname)?;
         let _ns = self.namespace.write().expect("namespace lock poisoned");
-        let _names = self.names_lock();
+        let names = self.names_lock();
         let existing = self.store.path_of(&inode);
         let new = self.store.child_path(&newparent, newname);
+        let _tickets = self.note_all(&[&new])?;
         if req.uid() == 0 {
             rustix::fs::linkat(&inode.fd, "", &newparent.fd, newname, AtFlags::EMPTY_PATH)
                 .map_err(errno)?;
@@ -778,6 +862,9 @@ impl ReplicatedFs {
                 )
                 .map_err(raw)
             })?;
+        }
+        if let (Some(names), Some(new)) = (&names, &new) {
+            names.created(self.options.dir_index, new);
         }
         let (inode, st) = self.lookup_child(&newparent, newname)?;
         let main = existing.zip(new).map(|(existing, new)| {
@@ -799,6 +886,7 @@ impl ReplicatedFs {
         let names = self.names_lock();
         let st = rustix::fs::statat(&parent.fd, name, AtFlags::SYMLINK_NOFOLLOW).map_err(errno)?;
         let path = self.store.child_path(&parent, name);
+        let _tickets = self.note_all(&[&path])?;
         let flags = if dir {
             AtFlags::REMOVEDIR
         } else {
@@ -863,6 +951,7 @@ impl ReplicatedFs {
         let dst = rustix::fs::statat(&newparent.fd, newname, AtFlags::SYMLINK_NOFOLLOW).ok();
         let from = self.store.child_path(&parent, name);
         let to = self.store.child_path(&newparent, newname);
+        let _tickets = self.note_all(&[&from, &to])?;
         let mut rflags = rustix::fs::RenameFlags::empty();
         let mut wire_flags = 0;
         if flags.contains(RenameFlags::RENAME_NOREPLACE) {
@@ -965,8 +1054,10 @@ impl ReplicatedFs {
         let perm = Mode::from_raw_mode(mode & 0o7777);
         crate::sys::clear_thread_umask().map_err(errno)?;
         let _ns = self.namespace.write().expect("namespace lock poisoned");
-        let _names = self.names_lock();
+        let names = self.names_lock();
         let path = self.store.child_path(&parent, name);
+        // Recorded whether it creates the file or truncates an existing one.
+        let _tickets = self.note_all(&[&path])?;
         let (fd, created) = self.as_caller(req, || {
             match rustix::fs::openat(&parent.fd, name, base | OFlags::CREATE | OFlags::EXCL, perm) {
                 Ok(fd) => Ok((fd, true)),
@@ -985,6 +1076,9 @@ impl ReplicatedFs {
             }
             .map_err(raw)
         })?;
+        if created && let (Some(names), Some(path)) = (&names, &path) {
+            names.created(self.options.dir_index, path);
+        }
         let st = rustix::fs::fstat(&fd).map_err(errno)?;
         if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
             return Err(Errno::EISDIR);
@@ -1069,7 +1163,7 @@ impl ReplicatedFs {
         let inode = &handle.inode;
         let _ns = self.namespace.read().expect("namespace lock poisoned");
         let _op = inode.op_lock.lock().expect("inode op lock poisoned");
-        let _data = self.data_lock(inode);
+        let _data = self.data_hold(inode, true)?;
         let written = pwrite_all(&handle.fd, data, offset).map_err(errno)?;
         self.stats.writes.fetch_add(1, Ordering::Relaxed);
         self.stats
@@ -1152,7 +1246,7 @@ impl ReplicatedFs {
         let inode = &handle.inode;
         let _ns = self.namespace.read().expect("namespace lock poisoned");
         let _op = inode.op_lock.lock().expect("inode op lock poisoned");
-        let _data = self.data_lock(inode);
+        let _data = self.data_hold(inode, inode.mtime_dirty.load(Ordering::Relaxed))?;
         // The file's mtime, moved by the writes since the last close, so the
         // peer's copy matches ours once the application closed it. In the
         // strict mode the data is already on the peer and the mtime needs no
@@ -1195,7 +1289,11 @@ impl ReplicatedFs {
             // Writes through a shared mapping may arrive after the last flush.
             let _ns = self.namespace.read().expect("namespace lock poisoned");
             let _op = handle.inode.op_lock.lock().expect("inode op lock poisoned");
-            let _data = self.data_lock(&handle.inode);
+            let dirty = handle.inode.mtime_dirty.load(Ordering::Relaxed);
+            let Ok(_data) = self.data_hold(&handle.inode, dirty) else {
+                // Logged by `note`; the mtime is not shipped.
+                return;
+            };
             self.ship_file_times(&handle.inode, WaitFor::Queued);
         }
     }
@@ -1205,7 +1303,7 @@ impl ReplicatedFs {
         let inode = &handle.inode;
         let _ns = self.namespace.read().expect("namespace lock poisoned");
         let _op = inode.op_lock.lock().expect("inode op lock poisoned");
-        let _data = self.data_lock(inode);
+        let _data = self.data_hold(inode, inode.mtime_dirty.load(Ordering::Relaxed))?;
         if datasync {
             rustix::fs::fdatasync(&handle.fd).map_err(errno)?;
         } else {
@@ -1359,7 +1457,7 @@ impl ReplicatedFs {
         let xflags = rustix::fs::XattrFlags::from_bits(flags as u32).ok_or(Errno::EINVAL)?;
         let _ns = self.namespace.read().expect("namespace lock poisoned");
         let _op = inode.op_lock.lock().expect("inode op lock poisoned");
-        let _data = self.data_lock(&inode);
+        let _data = self.data_hold(&inode, self.options.replicate_xattrs)?;
         inode.privs_clear.store(false, Ordering::Relaxed);
         let (path, nofollow) = self.xattr_path(&inode)?;
         self.as_caller(req, || {
@@ -1386,7 +1484,7 @@ impl ReplicatedFs {
         let inode = self.inode(ino)?;
         let _ns = self.namespace.read().expect("namespace lock poisoned");
         let _op = inode.op_lock.lock().expect("inode op lock poisoned");
-        let _data = self.data_lock(&inode);
+        let _data = self.data_hold(&inode, self.options.replicate_xattrs)?;
         let (path, nofollow) = self.xattr_path(&inode)?;
         self.as_caller(req, || {
             if nofollow {
@@ -1413,7 +1511,7 @@ impl ReplicatedFs {
             .ok_or(Errno::from_i32(libc::EOPNOTSUPP))?;
         let _ns = self.namespace.read().expect("namespace lock poisoned");
         let _op = inode.op_lock.lock().expect("inode op lock poisoned");
-        let _data = self.data_lock(inode);
+        let _data = self.data_hold(inode, true)?;
         rustix::fs::fallocate(&handle.fd, flags, offset, length).map_err(errno)?;
         self.ship_at(inode, self.data_wait(), |path| Op::Fallocate {
             dir: self.options.dir_index,
