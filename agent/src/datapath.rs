@@ -11,25 +11,59 @@
 //! nothing, a resynchronization completes at once (there is nothing to copy),
 //! and nothing is ever set aside.
 //!
-//! An implementation over `safekit_linux_helper` (mount over the replicated
-//! directories, replication sender on the primary, receiver on the
-//! secondary, dirty-file recording when alone) plugs in here without any
-//! change to the runner.
+//! [`linux::LinuxDataPath`] is the implementation over `safekit_linux_helper`
+//! (mount over the replicated directories, replication sender on the primary,
+//! receiver on the secondary, dirty-file recording when alone).
+//!
+//! # Reintegration: secondary-driven, primary-served
+//!
+//! The resync engine runs on the **primary**, through its replication sender,
+//! so resync data and live writes travel in one ordered stream (see
+//! `safekit_linux_helper::resync`). The joining SECOND's
+//! [`DataPath::start_resync`] only checks that its receiver listens; its
+//! machine asks for the resync in its heartbeats, the primary's machine answers
+//! with [`DataPath::serve_resync`], and the primary's data path reports
+//! [`DataPathEvent::ServeProgress`] then [`DataPathEvent::Served`] (after the
+//! engine's final durable barrier) or [`DataPathEvent::ServeFailed`]. The
+//! outcome reaches the SECOND in the primary's heartbeats (the handshake is
+//! documented in `safekit_core::cluster`).
 
 use std::path::PathBuf;
 
 use safekit_core::cluster::{GenerationId, ReplicationRole, ResyncKind};
+use safekit_protocol::heartbeat::ResyncProgressStatus;
 use tokio::sync::mpsc::UnboundedSender;
 
 /// What a data path reports to its module's runner.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DataPathEvent {
-    /// Resynchronization progress in percent.
+    /// Resynchronization progress in percent (a SECOND whose data path copies by itself).
     ResyncProgress(u8),
     /// The resynchronization finished: the replicated directories equal the primary's.
     ResyncCompleted,
     /// The resynchronization failed.
     ResyncFailed(String),
+    /// Primary: progress of the reintegration served for `attempt`.
+    ServeProgress {
+        /// The attempt of [`DataPath::serve_resync`].
+        attempt: u64,
+        /// The engine's progress.
+        progress: ResyncProgressStatus,
+    },
+    /// Primary: the reintegration served for `attempt` completed.
+    Served {
+        /// The attempt of [`DataPath::serve_resync`].
+        attempt: u64,
+        /// Final counters.
+        progress: ResyncProgressStatus,
+    },
+    /// Primary: the reintegration served for `attempt` failed.
+    ServeFailed {
+        /// The attempt of [`DataPath::serve_resync`].
+        attempt: u64,
+        /// Why.
+        reason: String,
+    },
     /// The replication connection to the peer broke (send timeout, reset).
     PeerLost,
 }
@@ -72,12 +106,22 @@ pub trait DataPath: Send + std::fmt::Debug {
     /// when the role needed the peer.
     fn set_role(&mut self, role: ReplicationRole) -> Result<(), DataPathError>;
 
-    /// Starts a resynchronization from the peer; progress and the outcome
-    /// arrive later as [`DataPathEvent`]s.
+    /// SECOND: prepares to receive a resynchronization from the peer. A data
+    /// path that copies by itself reports [`DataPathEvent::ResyncProgress`] and
+    /// the outcome later; one served by the primary just checks it can receive.
     ///
     /// # Errors
     /// [`DataPathError::Resync`] when it cannot even start.
     fn start_resync(&mut self, kind: ResyncKind) -> Result<(), DataPathError>;
+
+    /// Primary (role already `Primary`): brings the peer's replica up to date
+    /// while live writes keep flowing; reports [`DataPathEvent::ServeProgress`],
+    /// then [`DataPathEvent::Served`] or [`DataPathEvent::ServeFailed`] with
+    /// `attempt`. A serve still running is stopped first.
+    ///
+    /// # Errors
+    /// [`DataPathError::Resync`] when it cannot even start.
+    fn serve_resync(&mut self, kind: ResyncKind, attempt: u64) -> Result<(), DataPathError>;
 
     /// Moves the files changed here since `since` (every differing file when
     /// `None`) into a dated folder; returns that folder, or `None` when there
@@ -119,6 +163,18 @@ impl DataPath for NoDataPath {
             .map_err(|_| DataPathError::Resync("the module runner is gone".into()))
     }
 
+    fn serve_resync(&mut self, _kind: ResyncKind, attempt: u64) -> Result<(), DataPathError> {
+        self.events
+            .send(DataPathEvent::Served {
+                attempt,
+                progress: ResyncProgressStatus {
+                    percent: 100,
+                    ..ResyncProgressStatus::default()
+                },
+            })
+            .map_err(|_| DataPathError::Resync("the module runner is gone".into()))
+    }
+
     fn set_aside(
         &mut self,
         _since: Option<GenerationId>,
@@ -154,38 +210,87 @@ mod tests {
         assert_eq!(path.set_aside(None).expect("nothing to set aside"), None);
         assert_eq!(path.stats().role, Some(ReplicationRole::Secondary));
     }
+
+    #[test]
+    fn serving_without_rfs_is_served_at_once() {
+        let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel();
+        let mut path = NoDataPath::new(sender);
+        path.set_role(ReplicationRole::Primary).expect("role");
+        path.serve_resync(ResyncKind::Full, 7).expect("serves");
+        assert!(matches!(
+            receiver.try_recv().ok(),
+            Some(DataPathEvent::Served { attempt: 7, .. })
+        ));
+    }
+
+    #[test]
+    fn diverged_folder_names_sort_by_date() {
+        let time = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_764_149_405);
+        assert_eq!(diverged_stamp(time), "20251126-093005");
+    }
+}
+
+/// `YYYYmmdd-HHMMSS` (UTC) for the folder diverged files are moved into.
+pub fn diverged_stamp(time: std::time::SystemTime) -> String {
+    // "YYYY-MM-DD HH:MM:SS.mmm"
+    let text = crate::modlog::format_timestamp(time);
+    let (date, clock) = text.split_once(' ').unwrap_or((text.as_str(), ""));
+    let clock = clock.split('.').next().unwrap_or("");
+    format!("{}-{}", date.replace('-', ""), clock.replace(':', ""))
 }
 
 /// The in-process Linux data path of a module with `<rfs>`, over `safekit_linux_helper`.
 ///
 /// - primary (`Primary`, `Alone`): the FUSE file system is mounted over every
-///   replicated directory, replicating through a [`Sender`] to the peer's
-///   replication port (role `Replicating`), or recording every touched file in
-///   the dirty log `SAFEVAR/modules/<AM>/dirty` (role `Alone`);
+///   replicated directory (sharing the module's [`FileLocks`] with the resync
+///   engine), replicating through a [`Sender`] to the peer's replication port
+///   (role `Replicating`), or recording every touched file in the dirty log
+///   `SAFEVAR/modules/<AM>/dirty` (role `Alone`). The underlying directories
+///   are opened before mounting, for the resync engine to read beneath the mount;
+/// - serving a reintegration ([`DataPath::serve_resync`]): a
+///   [`ResyncEngine`] on its own thread, `nbrei` workers, `reiallowedbw`
+///   bandwidth, cursor `SAFEVAR/modules/<AM>/resync.cursor`, incremental from the
+///   dirty log (plus the files of `SAFEVAR/modules/<AM>/activity` when that
+///   activity log exists), or full; it waits for the sender's connection first;
 /// - secondary: no mount; a [`Receiver`] on this node's replication port
-///   applies the primary's stream beneath the directories (and answers resync
-///   requests);
-/// - off: nothing mounted, nothing listening.
+///   applies the primary's stream beneath the directories and answers the
+///   engine's questions; [`DataPath::start_resync`] only checks it listens;
+/// - off: nothing mounted, nothing listening, no engine.
 ///
-/// Resynchronization is not available yet (issue 5): [`DataPath::start_resync`]
-/// fails, so a SECOND that needs one goes WAIT (resynchronization failed)
-/// instead of claiming data it does not have.
+/// Setting diverged files aside moves the whole current content of each
+/// replicated directory into `SAFEVAR/modules/<AM>/diverged/<YYYYmmdd-HHMMSS>/<dir name>`
+/// (simple and honest: a full resync follows and restores the primary's
+/// tree). Entries are renamed when the two are on the same mount, else copied
+/// (mode, owner, symlinks; device nodes and FIFOs are not kept) and removed.
+/// Not beside the directory: a replicated directory is often a mount point
+/// of its own, and its parent may not be ours to write.
 #[cfg(feature = "linux-datapath")]
 pub mod linux {
     use std::net::SocketAddr;
-    use std::path::PathBuf;
+    use std::os::fd::OwnedFd;
+    use std::path::{Path, PathBuf};
     use std::sync::Arc;
-    use std::time::Duration;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
 
     use safekit_core::cluster::{GenerationId, ReplicationRole, ResyncKind};
+    use safekit_linux_helper::activity::ActivityLog;
     use safekit_linux_helper::dirty::DirtyLog;
     use safekit_linux_helper::fs::{FsOptions, SyncMode};
     use safekit_linux_helper::mount::{self, MountedDir};
     use safekit_linux_helper::replicator::Replicator;
+    use safekit_linux_helper::resync::{
+        FileLocks, ResyncConfig, ResyncEngine, ResyncHandle, ResyncKind as EngineKind,
+        ResyncOutcome, ResyncProgress,
+    };
     use safekit_linux_helper::transport::{Receiver, ReplicationEvent, Role, Sender, SenderConfig};
+    use safekit_protocol::heartbeat::ResyncProgressStatus;
     use tokio::sync::mpsc::UnboundedSender;
 
-    use super::{DataPath, DataPathError, DataPathEvent, DataPathStats};
+    use super::{DataPath, DataPathError, DataPathEvent, DataPathStats, diverged_stamp};
+
+    /// How long a serve waits for the replication connection before failing.
+    const CONNECT_PATIENCE: Duration = Duration::from_secs(30);
 
     /// What the Linux data path of one module needs.
     #[derive(Debug, Clone)]
@@ -200,7 +305,7 @@ pub mod linux {
         pub peer: SocketAddr,
         /// The cluster secret.
         pub secret: Vec<u8>,
-        /// The dirty log file.
+        /// The dirty log file; the resync cursor and the activity log live beside it.
         pub dirty_log: PathBuf,
         /// `<rfs replication_timeout>`.
         pub replication_timeout: Duration,
@@ -208,6 +313,20 @@ pub mod linux {
         pub sync_mode: SyncMode,
         /// `<rfs acl="on">`: replicate extended attributes.
         pub replicate_xattrs: bool,
+        /// `<rfs nbrei>`: parallel resync workers.
+        pub resync_workers: usize,
+        /// `<rfs reiallowedbw>` in bytes per second (`None`: unlimited).
+        pub resync_bandwidth: Option<u64>,
+        /// `<rfs reitimeout>`: how long the engine waits for one answer of the receiver.
+        pub resync_timeout: Duration,
+    }
+
+    /// A reintegration being served.
+    #[derive(Debug)]
+    struct ServeJob {
+        attempt: u64,
+        handle: ResyncHandle,
+        cancelled: Arc<AtomicBool>,
     }
 
     /// See the module documentation.
@@ -218,7 +337,28 @@ pub mod linux {
         role: Option<ReplicationRole>,
         sender: Option<Arc<Sender>>,
         mounts: Vec<MountedDir>,
+        /// The underlying directories beneath `mounts`, opened before mounting (for the engine).
+        sources: Vec<OwnedFd>,
+        locks: Arc<FileLocks>,
         receiver: Option<Receiver>,
+        serving: Option<ServeJob>,
+    }
+
+    fn status(progress: &ResyncProgress) -> ResyncProgressStatus {
+        ResyncProgressStatus {
+            percent: progress.percent(),
+            files_done: progress.files_done,
+            files_total: progress.files_total,
+            bytes_done: progress.bytes_done,
+            bytes_total: progress.bytes_total,
+            bytes_sent: progress.bytes_sent,
+            rate: if progress.rate.is_finite() && progress.rate > 0.0 {
+                progress.rate as u64
+            } else {
+                0
+            },
+            eta_secs: progress.eta.map(|eta| eta.as_secs()),
+        }
     }
 
     impl LinuxDataPath {
@@ -230,7 +370,10 @@ pub mod linux {
                 role: None,
                 sender: None,
                 mounts: Vec::new(),
+                sources: Vec::new(),
+                locks: Arc::new(FileLocks::new()),
                 receiver: None,
+                serving: None,
             }
         }
 
@@ -241,7 +384,24 @@ pub mod linux {
             }
         }
 
+        fn beside_dirty_log(&self, name: &str) -> PathBuf {
+            self.config.dirty_log.with_file_name(name)
+        }
+
+        fn stop_serving(&mut self) {
+            if let Some(job) = self.serving.take() {
+                tracing::debug!(
+                    attempt = job.attempt,
+                    "stopping the reintegration served (if it still runs)"
+                );
+                job.cancelled.store(true, Ordering::SeqCst);
+                job.handle.stop();
+            }
+        }
+
         fn unmount_all(&mut self) {
+            self.stop_serving();
+            self.sources.clear();
             for mounted in self.mounts.drain(..) {
                 let path = mounted.path().to_path_buf();
                 if let Err(error) = mounted.unmount() {
@@ -303,6 +463,10 @@ pub mod linux {
 
         fn become_primary(&mut self, role: ReplicationRole) -> Result<(), DataPathError> {
             self.receiver = None;
+            if role == ReplicationRole::Alone {
+                // Only a replicating sender can carry a resync.
+                self.stop_serving();
+            }
             let sender = self.ensure_sender(role)?;
             sender.set_role(if role == ReplicationRole::Primary {
                 Role::Replicating
@@ -310,6 +474,7 @@ pub mod linux {
                 Role::Alone
             });
             if self.mounts.is_empty() {
+                self.sources.clear();
                 for (index, dir) in self.config.dirs.iter().enumerate() {
                     let options = FsOptions {
                         dir_index: u16::try_from(index).map_err(|_| {
@@ -319,8 +484,23 @@ pub mod linux {
                         replicate_xattrs: self.config.replicate_xattrs,
                     };
                     let replicator: Arc<dyn Replicator> = sender.clone();
-                    match mount::mount_over(dir, replicator, options) {
-                        Ok(mounted) => self.mounts.push(mounted),
+                    // The engine reads beneath the mount: open the directory before mounting over it.
+                    let source =
+                        mount::recover_stale_mount(dir).and_then(|_| mount::open_underlying(dir));
+                    let mounted = source.and_then(|source| {
+                        mount::mount_over_with_locks(
+                            dir,
+                            replicator,
+                            options,
+                            Arc::clone(&self.locks),
+                        )
+                        .map(|mounted| (source, mounted))
+                    });
+                    match mounted {
+                        Ok((source, mounted)) => {
+                            self.sources.push(source);
+                            self.mounts.push(mounted);
+                        }
                         Err(error) => {
                             self.unmount_all();
                             return Err(Self::role_error(role, error));
@@ -357,6 +537,77 @@ pub mod linux {
             self.receiver = Some(receiver);
             Ok(())
         }
+
+        /// The engine's kind: incremental covers the dirty log, plus the activity
+        /// log's files when one exists (files possibly in flight at a crash).
+        fn engine_kind(&self, kind: ResyncKind) -> EngineKind {
+            match kind {
+                ResyncKind::Full => EngineKind::Full,
+                ResyncKind::Incremental { .. } => {
+                    let activity = self.beside_dirty_log("activity");
+                    let extra = match ActivityLog::load(&activity) {
+                        Ok(extra) => extra,
+                        Err(error) => {
+                            tracing::warn!(path = %activity.display(), %error, "activity log unreadable; incremental resync without it");
+                            Vec::new()
+                        }
+                    };
+                    EngineKind::Incremental { extra }
+                }
+            }
+        }
+    }
+
+    /// Moves every entry of `dir` into `folder` (created); `false` when `dir` is empty.
+    fn move_aside(dir: &Path, folder: &Path) -> std::io::Result<bool> {
+        let entries = std::fs::read_dir(dir)?.collect::<Result<Vec<_>, _>>()?;
+        if entries.is_empty() {
+            return Ok(false);
+        }
+        std::fs::create_dir_all(folder)?;
+        for entry in entries {
+            let target = folder.join(entry.file_name());
+            match std::fs::rename(entry.path(), &target) {
+                Ok(()) => {}
+                Err(error) if error.raw_os_error() == Some(libc_exdev()) => {
+                    copy_entry(&entry.path(), &target)?;
+                    if entry.file_type()?.is_dir() {
+                        std::fs::remove_dir_all(entry.path())?;
+                    } else {
+                        std::fs::remove_file(entry.path())?;
+                    }
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(true)
+    }
+
+    fn libc_exdev() -> i32 {
+        nix::errno::Errno::EXDEV as i32
+    }
+
+    /// Copies one entry (recursively for a directory), keeping mode, owner and symlinks.
+    fn copy_entry(source: &Path, target: &Path) -> std::io::Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let metadata = std::fs::symlink_metadata(source)?;
+        let kind = metadata.file_type();
+        if kind.is_symlink() {
+            std::os::unix::fs::symlink(std::fs::read_link(source)?, target)?;
+        } else if kind.is_dir() {
+            std::fs::create_dir(target)?;
+            for entry in std::fs::read_dir(source)? {
+                let entry = entry?;
+                copy_entry(&entry.path(), &target.join(entry.file_name()))?;
+            }
+            std::fs::set_permissions(target, metadata.permissions())?;
+        } else if kind.is_file() {
+            std::fs::copy(source, target)?;
+        } else {
+            tracing::warn!(path = %source.display(), "special file not kept aside");
+            return Ok(());
+        }
+        std::os::unix::fs::lchown(target, Some(metadata.uid()), Some(metadata.gid()))
     }
 
     impl DataPath for LinuxDataPath {
@@ -376,18 +627,134 @@ pub mod linux {
         }
 
         fn start_resync(&mut self, kind: ResyncKind) -> Result<(), DataPathError> {
-            Err(DataPathError::Resync(format!(
-                "{kind:?} resynchronization is not available yet in this agent"
-            )))
+            if self.receiver.is_none() {
+                return Err(DataPathError::Resync(
+                    "the replication receiver is not listening".into(),
+                ));
+            }
+            tracing::info!(
+                ?kind,
+                local = %self.config.local,
+                "receiver armed: the primary serves the reintegration"
+            );
+            Ok(())
+        }
+
+        fn serve_resync(&mut self, kind: ResyncKind, attempt: u64) -> Result<(), DataPathError> {
+            let sender = match (&self.sender, self.role) {
+                (Some(sender), Some(ReplicationRole::Primary)) if !self.mounts.is_empty() => {
+                    Arc::clone(sender)
+                }
+                _ => {
+                    return Err(DataPathError::Resync(
+                        "this node is not replicating to its peer".into(),
+                    ));
+                }
+            };
+            self.stop_serving();
+            let sources = self
+                .sources
+                .iter()
+                .map(OwnedFd::try_clone)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|error| DataPathError::Resync(format!("replicated directory: {error}")))?;
+            let mut config = ResyncConfig::new(self.beside_dirty_log("resync.cursor"));
+            config.workers = self.config.resync_workers.max(1);
+            config.bandwidth = self.config.resync_bandwidth;
+            config.request_timeout = self.config.resync_timeout;
+            let engine_kind = self.engine_kind(kind);
+            let progress_events = self.events.clone();
+            let engine = ResyncEngine::new(
+                config,
+                Arc::clone(&sender),
+                sources,
+                Arc::clone(&self.locks),
+            )
+            .on_progress(Box::new(move |progress| {
+                let _ = progress_events.send(DataPathEvent::ServeProgress {
+                    attempt,
+                    progress: status(progress),
+                });
+            }));
+            let handle = engine.handle();
+            let cancelled = Arc::new(AtomicBool::new(false));
+            let events = self.events.clone();
+            let stop = Arc::clone(&cancelled);
+            std::thread::Builder::new()
+                .name(format!("resync-{}", self.config.module))
+                .spawn(move || {
+                    let outcome = serve(&engine, &sender, engine_kind, &stop);
+                    let progress = engine.handle().progress();
+                    let event = match outcome {
+                        Ok(ResyncOutcome::Completed { stats }) => {
+                            tracing::info!(
+                                attempt,
+                                ?stats,
+                                elapsed_ms = progress.elapsed.as_millis(),
+                                "reintegration served"
+                            );
+                            DataPathEvent::Served {
+                                attempt,
+                                progress: ResyncProgressStatus {
+                                    percent: 100,
+                                    eta_secs: Some(0),
+                                    ..status(&progress)
+                                },
+                            }
+                        }
+                        Err(reason) => {
+                            tracing::warn!(attempt, %reason, "reintegration not served");
+                            DataPathEvent::ServeFailed { attempt, reason }
+                        }
+                    };
+                    let _ = events.send(event);
+                })
+                .map_err(|error| DataPathError::Resync(format!("resync thread: {error}")))?;
+            tracing::info!(attempt, ?kind, "serving the reintegration");
+            self.serving = Some(ServeJob {
+                attempt,
+                handle,
+                cancelled,
+            });
+            Ok(())
         }
 
         fn set_aside(
             &mut self,
             _since: Option<GenerationId>,
         ) -> Result<Option<PathBuf>, DataPathError> {
-            Err(DataPathError::SetAside(
-                "setting diverged files aside is not available yet in this agent".into(),
-            ))
+            if !self.mounts.is_empty() {
+                return Err(DataPathError::SetAside(
+                    "the replicated directories are still mounted".into(),
+                ));
+            }
+            let stamp = diverged_stamp(std::time::SystemTime::now());
+            let base = self.beside_dirty_log("diverged").join(&stamp);
+            let mut kept = None;
+            for (index, dir) in self.config.dirs.iter().enumerate() {
+                mount::recover_stale_mount(dir)
+                    .map_err(|error| DataPathError::SetAside(error.to_string()))?;
+                let name = dir.file_name().map_or_else(
+                    || format!("dir{index}"),
+                    |name| name.to_string_lossy().into_owned(),
+                );
+                let folder = base.join(format!("{index}-{name}"));
+                match move_aside(dir, &folder) {
+                    Ok(true) => {
+                        tracing::warn!(dir = %dir.display(), folder = %folder.display(), "diverged files set aside");
+                        kept = Some(base.clone());
+                    }
+                    Ok(false) => {}
+                    Err(error) => {
+                        return Err(DataPathError::SetAside(format!(
+                            "{} -> {}: {error}",
+                            dir.display(),
+                            folder.display()
+                        )));
+                    }
+                }
+            }
+            Ok(kept)
         }
 
         fn stats(&self) -> DataPathStats {
@@ -422,6 +789,13 @@ pub mod linux {
                     ),
                 ));
             }
+            if let Some(job) = &self.serving {
+                let progress = job.handle.progress();
+                details.push((
+                    "resync engine".into(),
+                    format!("attempt {:016x}: {:?}", job.attempt, progress.stats),
+                ));
+            }
             for mounted in &self.mounts {
                 details.push((
                     format!("mount {}", mounted.path().display()),
@@ -435,9 +809,111 @@ pub mod linux {
         }
     }
 
+    /// Waits for the replication connection, then runs the engine.
+    fn serve(
+        engine: &ResyncEngine,
+        sender: &Sender,
+        kind: EngineKind,
+        stop: &AtomicBool,
+    ) -> Result<ResyncOutcome, String> {
+        let deadline = Instant::now() + CONNECT_PATIENCE;
+        while !sender.stats().connected {
+            if stop.load(Ordering::SeqCst) {
+                return Err("stopped".into());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "no replication connection to the peer within {} s",
+                    CONNECT_PATIENCE.as_secs()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        engine.run(kind).map_err(|error| error.to_string())
+    }
+
     impl Drop for LinuxDataPath {
         fn drop(&mut self) {
             self.unmount_all();
         }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn diverged_files_are_moved_with_modes_and_links_and_the_directory_is_left_empty() {
+            use std::os::unix::fs::PermissionsExt;
+            let tmp = tempfile::tempdir().expect("tempdir");
+            let dir = tmp.path().join("data");
+            std::fs::create_dir_all(dir.join("sub")).expect("mkdir");
+            std::fs::write(dir.join("sub").join("a.txt"), "a").expect("write");
+            std::fs::set_permissions(
+                dir.join("sub").join("a.txt"),
+                std::fs::Permissions::from_mode(0o600),
+            )
+            .expect("chmod");
+            std::os::unix::fs::symlink("sub/a.txt", dir.join("link")).expect("symlink");
+            let folder = tmp.path().join("aside").join("0-data");
+            assert!(move_aside(&dir, &folder).expect("moved"));
+            assert_eq!(std::fs::read_dir(&dir).expect("list").count(), 0);
+            assert_eq!(
+                std::fs::read_to_string(folder.join("link")).expect("through the link"),
+                "a"
+            );
+            // The copy used across mounts keeps the same things.
+            let copy = tmp.path().join("copy");
+            copy_entry(&folder, &copy).expect("copy");
+            let mode = std::fs::metadata(copy.join("sub").join("a.txt"))
+                .expect("stat")
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+            assert_eq!(
+                std::fs::read_link(copy.join("link")).expect("readlink"),
+                PathBuf::from("sub/a.txt")
+            );
+            assert!(!move_aside(&dir, &tmp.path().join("none")).expect("empty"));
+        }
+    }
+}
+
+/// The `resync` line of `safekit state -v`: the reintegration received
+/// (SECOND) or served (primary), with the primary engine's figures.
+pub fn render_resync(machine: &safekit_core::cluster::Machine) -> String {
+    use safekit_protocol::heartbeat::ServePhase;
+    let figures = |progress: &ResyncProgressStatus| {
+        format!(
+            "files {}/{}, bytes {}/{}, sent {}, rate {}/s, ETA {}",
+            progress.files_done,
+            progress.files_total,
+            progress.bytes_done,
+            progress.bytes_total,
+            progress.bytes_sent,
+            progress.rate,
+            progress
+                .eta_secs
+                .map_or_else(|| "unknown".to_string(), |secs| format!("{secs} s"))
+        )
+    };
+    if let Some(serve) = machine.serving() {
+        let kind = if serve.full { "full" } else { "incremental" };
+        return match serve.phase {
+            ServePhase::Running(progress) => format!(
+                "serving the peer ({kind}): {}%, {}",
+                progress.percent,
+                figures(&progress)
+            ),
+            ServePhase::Served { progress, .. } => format!(
+                "served to the peer ({kind}), waiting for it to report in sync: {}",
+                figures(&progress)
+            ),
+            ServePhase::Failed => format!("serving the peer ({kind}): failed"),
+        };
+    }
+    match machine.resync_progress() {
+        Some(progress) => format!("{}%, {}", machine.resync_percent(), figures(&progress)),
+        None => format!("{}%", machine.resync_percent()),
     }
 }

@@ -7,9 +7,11 @@
 
 pub mod admin_socket;
 pub mod arp;
+pub mod checkers;
 pub mod cli;
 pub mod daemon;
 pub mod datapath;
+pub mod health_http;
 pub mod modlog;
 pub mod persist;
 pub mod scripts;

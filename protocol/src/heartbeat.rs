@@ -5,12 +5,17 @@
 //! the primary is stopping, split brain). It must be cheap to build and to
 //! check, fit in one UDP datagram, and be refused when forged or replayed.
 //!
-//! # Wire format (version 1)
+//! # Wire format (version 2)
+//!
+//! Version 2 added the reintegration handshake fields of [`NodeStatus`]
+//! ([`NodeStatus::resync_request`], [`NodeStatus::resync_serve`]); a version 1
+//! packet is refused with [`HeartbeatError::UnsupportedVersion`] (both nodes of
+//! a cluster run the same release).
 //!
 //! | offset | size     | field    | meaning                                                      |
 //! |-------:|---------:|----------|--------------------------------------------------------------|
 //! | 0      | 4        | magic    | `b"SKHB"`                                                    |
-//! | 4      | 1        | version  | [`HEARTBEAT_VERSION`] (1)                                    |
+//! | 4      | 1        | version  | [`HEARTBEAT_VERSION`] (2)                                    |
 //! | 5      | 2        | body_len | little-endian, at most [`MAX_PACKET_LEN`] minus the rest     |
 //! | 7      | body_len | body     | `postcard` encoding of [`Heartbeat`], using all its bytes    |
 //! | 7+len  | 32       | tag      | `HMAC-SHA256(secret, "safekit-heartbeat" ‖ bytes 0..7+len)`  |
@@ -45,7 +50,7 @@ use sha2::Sha256;
 pub const MAGIC: [u8; 4] = *b"SKHB";
 
 /// The heartbeat format version this crate speaks.
-pub const HEARTBEAT_VERSION: u8 = 1;
+pub const HEARTBEAT_VERSION: u8 = 2;
 
 /// The largest datagram sent or accepted (fits a 1500-byte MTU with IPv6 and UDP headers).
 pub const MAX_PACKET_LEN: usize = 1400;
@@ -101,6 +106,74 @@ pub struct NodeStatus {
     pub resync_percent: u8,
     /// The sender's generation history, oldest first, at most [`MAX_GENERATIONS`].
     pub generations: Vec<GenerationEntry>,
+    /// SECOND resynchronizing: the reintegration it asks its primary to serve.
+    pub resync_request: Option<ResyncRequestStatus>,
+    /// Primary (ALONE or PRIM): the reintegration it serves to its peer, and how far it got.
+    pub resync_serve: Option<ResyncServeStatus>,
+}
+
+/// What a resynchronizing SECOND asks of its primary (reintegration handshake).
+///
+/// The primary runs the resync engine (it owns the tree and the replication
+/// stream); the SECOND only receives. `attempt` identifies one attempt: the
+/// primary serves each attempt once, and the SECOND accepts an outcome only
+/// for the attempt it is waiting for, so a stale outcome of an older attempt
+/// is never taken for the current one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResyncRequestStatus {
+    /// Identifies this attempt (random, drawn by the SECOND at each attempt).
+    pub attempt: u64,
+    /// The SECOND needs a full comparison (its interrupted resync was full).
+    pub full: bool,
+}
+
+/// The primary's side of the reintegration handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResyncServeStatus {
+    /// The attempt served ([`ResyncRequestStatus::attempt`]).
+    pub attempt: u64,
+    /// Full comparison (else incremental from the dirty log).
+    pub full: bool,
+    /// Where it is.
+    pub phase: ServePhase,
+}
+
+/// Where a served reintegration is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServePhase {
+    /// Running; progress so far.
+    Running(ResyncProgressStatus),
+    /// Completed after a durable barrier: the replica equals the primary's tree
+    /// as of the primary's generation `generation`, and live replication keeps it so.
+    Served {
+        /// The primary's current generation when the resync completed.
+        generation: u64,
+        /// Final counters.
+        progress: ResyncProgressStatus,
+    },
+    /// Failed; the SECOND retries with a new attempt.
+    Failed,
+}
+
+/// Resync progress as the primary's engine measures it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResyncProgressStatus {
+    /// Percent done (0..=100).
+    pub percent: u8,
+    /// Files finished.
+    pub files_done: u64,
+    /// Files to examine.
+    pub files_total: u64,
+    /// Bytes of finished files.
+    pub bytes_done: u64,
+    /// Bytes of the files to examine.
+    pub bytes_total: u64,
+    /// Data bytes actually shipped.
+    pub bytes_sent: u64,
+    /// Bytes per second.
+    pub rate: u64,
+    /// Estimated seconds left, when known.
+    pub eta_secs: Option<u64>,
 }
 
 /// The five module states of a mirror module.
@@ -368,6 +441,27 @@ mod tests {
                 replication_degraded: false,
                 was_primary: true,
                 resync_percent: 0,
+                resync_request: Some(ResyncRequestStatus {
+                    attempt: 9,
+                    full: true,
+                }),
+                resync_serve: Some(ResyncServeStatus {
+                    attempt: u64::MAX,
+                    full: false,
+                    phase: ServePhase::Served {
+                        generation: u64::MAX,
+                        progress: ResyncProgressStatus {
+                            percent: 100,
+                            files_done: u64::MAX,
+                            files_total: u64::MAX,
+                            bytes_done: u64::MAX,
+                            bytes_total: u64::MAX,
+                            bytes_sent: u64::MAX,
+                            rate: u64::MAX,
+                            eta_secs: Some(u64::MAX),
+                        },
+                    },
+                }),
                 generations: vec![
                     GenerationEntry {
                         id: 7,

@@ -580,6 +580,8 @@ fn forged_heartbeats_and_non_root_users_are_refused() {
                 was_primary: true,
                 resync_percent: 0,
                 generations: Vec::new(),
+                resync_request: None,
+                resync_serve: None,
             },
         },
     )
@@ -878,26 +880,21 @@ fn with_rfs_the_primary_serves_its_data_through_the_mount_and_releases_it_on_sto
         "{verbose}"
     );
 
-    // FIXME(issue 5): resynchronization does not exist yet, so a secondary
-    // cannot catch up and waits instead of claiming data it does not have.
-    // Once it exists: node2 SECOND, node1 PRIM, a.txt on node2 after failover.
+    // node2 joins: node1 serves the (full) reintegration, then both pair up.
+    node2.wait_peer("node1 ALONE");
     node2.safekit_ok(&format!("second -m {MODULE}"));
-    node2.wait_state(WAIT);
-    wait_until(
-        "node2 to say why it waits",
-        STATE_WAIT,
-        Duration::from_millis(50),
-        || {
-            node2
-                .log()
-                .contains("resynchronization is not available yet")
-        },
-    )
-    .unwrap_or_else(|error| panic!("{error}\n{}", node2.diagnostics()));
-    assert_eq!(node1.state(), ALONE);
+    node2.wait_state(SECOND);
+    node1.wait_state(PRIM);
+    assert_eq!(
+        std::fs::read_to_string(cluster.node(2).host_path(REPLICATED).join("a.txt"))
+            .expect("a.txt was resynchronized to node2"),
+        "acknowledged\n"
+    );
 
+    // Stopping the primary hands over to the in-sync secondary.
     node1.safekit_ok(&format!("stop -m {MODULE}"));
     node1.wait_state(STOP);
+    node2.wait_state(ALONE);
     assert!(
         !mounted_over(cluster.node(1), REPLICATED),
         "a stopped module leaves no mount"

@@ -284,6 +284,8 @@ mod tests {
             was_primary: false,
             resync_percent: 0,
             generations: Vec::new(),
+            resync_request: None,
+            resync_serve: None,
         }
     }
 

@@ -115,6 +115,13 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
         let registry = start(&options).await?;
         let listener = AdminListener::bind(load::admin_socket_path(&options.var), None).await?;
         let registry = Arc::new(registry);
+        crate::health_http::start_for_node(
+            &options.safe,
+            &options.var,
+            &options.node,
+            Arc::clone(&registry),
+        )
+        .await;
         let serve = listener.serve(move |peer, request| {
             let registry = Arc::clone(&registry);
             async move { admin::handle(&registry, peer, request).await }
@@ -369,6 +376,9 @@ fn data_path(
                     SyncMode::Fsync => safekit_linux_helper::fs::SyncMode::FsyncOnly,
                 },
                 replicate_xattrs: rfs.acl,
+                resync_workers: usize::try_from(rfs.nbrei).unwrap_or(6),
+                resync_bandwidth: rfs.reiallowedbw.map(|kbps| u64::from(kbps) * 1024),
+                resync_timeout: rfs.reitimeout,
             },
             events,
         ));

@@ -23,6 +23,12 @@
 //! - Data-path actions go to the module's [`DataPath`].
 //! - Logs and state changes go to the module log ([`crate::modlog`]) and to
 //!   `tracing` (one `info` event with `from`, `to`, `reason` per change).
+//! - Checker observations ([`crate::checkers`]) become verdicts after their
+//!   stability delay; a verdict change goes to the machine, a down verdict of
+//!   an active checker fires its rule (`restart`, `stopstart`, `stop`, or
+//!   `stop` by `maxloop`: [`safekit_core::cluster::rules`]) as a command whose
+//!   caller is the rule. Before a tick that may declare the peer lost, the
+//!   split-brain witness is probed afresh.
 //!
 //! After every event the runner publishes the module's status (for
 //! `safekit state`) and the heartbeat payload (for the sender thread).
@@ -70,6 +76,8 @@ pub enum RunnerEvent {
     },
     /// A report of the data path.
     DataPath(DataPathEvent),
+    /// A checker's probe saw something ([`crate::checkers`]).
+    Checker(crate::checkers::Observation),
 }
 
 /// One configured virtual IP.
@@ -101,6 +109,11 @@ pub struct Runner {
     datapath: Box<dyn DataPath>,
     status: watch::Sender<ModuleStatus>,
     heartbeat_status: SharedStatus,
+    checkers: crate::checkers::CheckerSet,
+    checker_specs: Vec<crate::checkers::CheckerSpec>,
+    checker_problems: Vec<String>,
+    /// A `stopstart` rule fired: start again (as this caller) once stopped.
+    start_after_stop: Option<String>,
 }
 
 /// What [`Runner::new`] needs besides the module's setup.
@@ -129,6 +142,12 @@ pub struct RunnerParts {
 impl Runner {
     /// A runner for `setup`.
     pub fn new(setup: ModuleSetup, parts: RunnerParts) -> Runner {
+        let (checker_specs, checker_problems) = crate::checkers::specs(&setup.config);
+        let checkers = crate::checkers::CheckerSet::new(
+            checker_specs.clone(),
+            setup.config.service.maxloop,
+            setup.config.service.loop_interval,
+        );
         let user = setup.config.service.user.clone();
         let applog = AppLog {
             path: parts.script_env.uservar.join("userlog.ulog"),
@@ -180,6 +199,10 @@ impl Runner {
             datapath: parts.datapath,
             status: parts.status,
             heartbeat_status: parts.heartbeat_status,
+            checkers,
+            checker_specs,
+            checker_problems,
+            start_after_stop: None,
         }
     }
 
@@ -204,6 +227,16 @@ impl Runner {
         }
         // A stopped module holds no virtual IP, even if a killed agent left one behind.
         self.release_vip().await;
+        for problem in std::mem::take(&mut self.checker_problems) {
+            tracing::warn!(%problem, "checker");
+            self.modlog.log(modlog::Level::Event, problem);
+        }
+        let checker_events = self.events.clone();
+        crate::checkers::spawn(&self.checker_specs, move |observation| {
+            checker_events
+                .send(RunnerEvent::Checker(observation))
+                .is_ok()
+        });
         self.modlog.log(
             modlog::Level::Event,
             format!(
@@ -232,6 +265,7 @@ impl Runner {
             };
             match event {
                 None => {
+                    self.refresh_witness().await;
                     let actions = self.machine.handle(self.now(), Event::Tick);
                     self.execute(actions, None).await;
                 }
@@ -262,11 +296,22 @@ impl Runner {
                         DataPathEvent::ResyncCompleted => Event::ResyncCompleted,
                         DataPathEvent::ResyncFailed(reason) => Event::ResyncFailed { reason },
                         DataPathEvent::PeerLost => Event::ReplicationPeerLost,
+                        DataPathEvent::ServeProgress { attempt, progress } => {
+                            Event::ResyncServeProgress { attempt, progress }
+                        }
+                        DataPathEvent::Served { attempt, progress } => {
+                            Event::ResyncServed { attempt, progress }
+                        }
+                        DataPathEvent::ServeFailed { attempt, reason } => {
+                            Event::ResyncServeFailed { attempt, reason }
+                        }
                     };
                     let actions = self.machine.handle(self.now(), event);
                     self.execute(actions, None).await;
                 }
+                Some(RunnerEvent::Checker(observation)) => self.on_checker(observation).await,
             }
+            self.start_if_stopstart().await;
             self.publish();
         }
     }
@@ -291,6 +336,9 @@ impl Runner {
             modlog::Level::Info,
             format!("Command {} received from {caller}", verb.name()),
         );
+        // An operator command: the maxloop count starts again, a pending stopstart is dropped.
+        self.checkers.reset_loop();
+        self.start_after_stop = None;
         let actions = self.machine.handle(
             self.now(),
             Event::Command {
@@ -365,6 +413,20 @@ impl Runner {
                                 )));
                     }
                 }
+                Action::ServeResync { kind, attempt } => {
+                    self.modlog.log(
+                        modlog::Level::Event,
+                        format!("Reintegration of the peer served from this node ({kind:?})"),
+                    );
+                    if let Err(error) = self.datapath.serve_resync(kind, attempt) {
+                        let _ =
+                            self.events
+                                .send(RunnerEvent::DataPath(DataPathEvent::ServeFailed {
+                                    attempt,
+                                    reason: error.to_string(),
+                                }));
+                    }
+                }
                 Action::SetAsideDivergedFiles { since, reason } => {
                     let message = match self.datapath.set_aside(since) {
                         Ok(Some(folder)) => format!(
@@ -401,6 +463,92 @@ impl Runner {
                 }
             }
         }
+    }
+
+    /// Before a tick that may declare the peer lost, probes the split-brain
+    /// witness afresh, so that the machine decides on a current verdict.
+    async fn refresh_witness(&mut self) {
+        if !matches!(
+            self.machine.state(),
+            State::Prim | State::Second(SecondPhase::InSync)
+        ) {
+            return;
+        }
+        let Some(spec) = self.checker_specs.iter().find(|spec| spec.witness).cloned() else {
+            return;
+        };
+        let (up, detail) = crate::checkers::probes::poll(&spec.probe, spec.timeout).await;
+        self.on_checker(crate::checkers::Observation {
+            resource: spec.resource,
+            up,
+            detail,
+        })
+        .await;
+    }
+
+    /// A checker's observation: a verdict change goes to the machine, a fired rule runs its command.
+    async fn on_checker(&mut self, observation: crate::checkers::Observation) {
+        let now = self.now();
+        let outcome = self.checkers.observe(
+            now,
+            observation,
+            self.machine.state(),
+            self.machine.is_transient(),
+        );
+        if let Some((resource, up)) = outcome.verdict {
+            let event = if outcome.witness {
+                Event::WitnessReachable(up)
+            } else {
+                Event::CheckerVerdict { resource, up }
+            };
+            let actions = self.machine.handle(now, event);
+            self.execute(actions, None).await;
+        }
+        let Some(decision) = outcome.decision else {
+            return;
+        };
+        tracing::info!(rule = %decision.caller, log = %decision.log, "failover rule fired");
+        self.modlog.log(modlog::Level::Event, decision.log.clone());
+        if let Some(command) = decision.command {
+            if decision.then_start {
+                self.start_after_stop = Some(decision.caller.clone());
+            }
+            let actions = self.machine.handle(
+                self.now(),
+                Event::Command {
+                    command,
+                    caller: decision.caller,
+                },
+            );
+            let mut refusal = None;
+            self.execute(actions, Some(&mut refusal)).await;
+            if refusal.is_some() {
+                self.start_after_stop = None;
+            }
+        }
+    }
+
+    /// The second half of a `stopstart`: once the module is stopped, and the
+    /// peer no longer SECOND (it took over, or cannot), start it again.
+    async fn start_if_stopstart(&mut self) {
+        if self.machine.state() != State::Stop
+            || self.machine.is_transient()
+            || self.start_after_stop.is_none()
+            || self.machine.peer_state() == Some(safekit_protocol::heartbeat::ModuleState::Second)
+        {
+            return;
+        }
+        let Some(caller) = self.start_after_stop.take() else {
+            return;
+        };
+        let actions = self.machine.handle(
+            self.now(),
+            Event::Command {
+                command: Command::Start,
+                caller,
+            },
+        );
+        self.execute(actions, None).await;
     }
 
     fn spawn_script(&self, script: Script) {
@@ -645,10 +793,10 @@ impl Runner {
                 },
             ));
         }
-        if state == State::Second(SecondPhase::Resyncing) {
+        if state == State::Second(SecondPhase::Resyncing) || self.machine.serving().is_some() {
             details.push((
                 "resync".into(),
-                format!("{}%", self.machine.resync_percent()),
+                crate::datapath::render_resync(&self.machine),
             ));
         }
         if let Some(transition) = self.machine.last_transition() {
@@ -664,6 +812,7 @@ impl Runner {
                 ),
             ));
         }
+        details.extend(self.checkers.details(self.now()));
         details.extend(self.datapath.stats().details);
         ModuleStatus {
             module: self.setup.name.clone(),

@@ -31,7 +31,10 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use safekit_protocol::heartbeat::{Detail, Heartbeat, ModuleState, NodeStatus};
+use safekit_protocol::heartbeat::{
+    Detail, Heartbeat, ModuleState, NodeStatus, ResyncProgressStatus, ResyncRequestStatus,
+    ResyncServeStatus, ServePhase,
+};
 
 use super::generations::{
     Generation, GenerationId, History, Origin, Persistent, ResyncKind, Side, Verdict, compare,
@@ -276,6 +279,28 @@ pub enum Event {
     },
     /// The replication connection to the peer broke (send timeout, reset).
     ReplicationPeerLost,
+    /// Primary: progress of the reintegration served for `attempt`.
+    ResyncServeProgress {
+        /// The attempt of [`Action::ServeResync`].
+        attempt: u64,
+        /// The engine's progress.
+        progress: ResyncProgressStatus,
+    },
+    /// Primary: the reintegration served for `attempt` completed (the resync
+    /// engine's final durable barrier passed; live replication keeps the peer in sync).
+    ResyncServed {
+        /// The attempt of [`Action::ServeResync`].
+        attempt: u64,
+        /// Final counters.
+        progress: ResyncProgressStatus,
+    },
+    /// Primary: the reintegration served for `attempt` failed.
+    ResyncServeFailed {
+        /// The attempt of [`Action::ServeResync`].
+        attempt: u64,
+        /// Why, for the log.
+        reason: String,
+    },
     /// A checker's verdict changed (issue 7 maps these to rules; logged for now).
     CheckerVerdict {
         /// The resource (`intf.eth0`, `custom.app`).
@@ -340,6 +365,16 @@ pub enum Action {
     StartResync {
         /// Incremental or full.
         kind: ResyncKind,
+    },
+    /// Primary: run the resync engine towards the resynchronizing peer (the
+    /// replication role is already `Primary`); report
+    /// [`Event::ResyncServeProgress`], then [`Event::ResyncServed`] or
+    /// [`Event::ResyncServeFailed`] with the same `attempt`.
+    ServeResync {
+        /// Incremental (the peer's generation is in our history) or full.
+        kind: ResyncKind,
+        /// The peer's attempt, echoed in the reports.
+        attempt: u64,
     },
     /// Move the files changed here since `since` (all differing files when `None`)
     /// into a dated folder and log where; done before a resync overwrites them.
@@ -459,6 +494,13 @@ pub struct Machine {
     generation_counter: u64,
     last_transition: Option<Transition>,
     checkers: BTreeMap<String, bool>,
+    /// SECOND resynchronizing: the attempt it asks its primary to serve.
+    resync_attempt: u64,
+    attempt_counter: u64,
+    /// Primary: the reintegration served to the peer (reintegration handshake).
+    serve: Option<ResyncServeStatus>,
+    /// The last resync progress reported (served here, or by the primary).
+    resync_progress: Option<ResyncProgressStatus>,
 }
 
 fn splitmix64(mut x: u64) -> u64 {
@@ -498,7 +540,22 @@ impl Machine {
             generation_counter: 0,
             last_transition: None,
             checkers: BTreeMap::new(),
+            resync_attempt: 0,
+            attempt_counter: 0,
+            serve: None,
+            resync_progress: None,
         }
+    }
+
+    /// The last resynchronization progress: of the reintegration this node
+    /// serves (primary) or receives (SECOND), as the primary's engine measures it.
+    pub fn resync_progress(&self) -> Option<ResyncProgressStatus> {
+        self.resync_progress
+    }
+
+    /// Primary: the reintegration served to the peer, if any.
+    pub fn serving(&self) -> Option<ResyncServeStatus> {
+        self.serve
     }
 
     /// The current state.
@@ -576,6 +633,13 @@ impl Machine {
             was_primary: self.persistent.was_primary,
             resync_percent: self.resync_percent,
             generations: self.persistent.history.to_wire(),
+            resync_request: matches!(self.state, State::Second(SecondPhase::Resyncing)).then_some(
+                ResyncRequestStatus {
+                    attempt: self.resync_attempt,
+                    full: self.persistent.resync_in_progress == Some(ResyncKind::Full),
+                },
+            ),
+            resync_serve: self.serve,
         }
     }
 
@@ -616,6 +680,32 @@ impl Machine {
                 }
             }
             Event::ReplicationPeerLost => self.on_replication_lost(&mut out),
+            Event::ResyncServeProgress { attempt, progress } => {
+                if let Some(serve) = self.serve.as_mut().filter(|serve| serve.attempt == attempt)
+                    && matches!(serve.phase, ServePhase::Running(_))
+                {
+                    serve.phase = ServePhase::Running(progress);
+                    self.resync_progress = Some(progress);
+                }
+            }
+            Event::ResyncServed { attempt, progress } => {
+                self.on_resync_served(attempt, progress, &mut out);
+            }
+            Event::ResyncServeFailed { attempt, reason } => {
+                if let Some(serve) = self.serve.as_mut().filter(|serve| serve.attempt == attempt)
+                    && matches!(serve.phase, ServePhase::Running(_))
+                {
+                    serve.phase = ServePhase::Failed;
+                    log(
+                        &mut out,
+                        Level::Error,
+                        format!(
+                            "Reintegration of {} failed on this node: {reason}",
+                            self.params.peer
+                        ),
+                    );
+                }
+            }
             Event::CheckerVerdict { resource, up } => {
                 if self.checkers.insert(resource.clone(), up) != Some(up) {
                     let verdict = if up { "up" } else { "down" };
@@ -920,6 +1010,7 @@ impl Machine {
                 self.alone_while_stopping(out);
                 self.go_alone(Origin::ContinuedPrimary, true, "replication degraded", out);
             }
+            State::Alone if self.serve.is_some() => self.serve_link_lost(out),
             State::Second(_) => {
                 // The primary decides (degraded or dead); its heartbeats tell us which.
                 log(
@@ -1022,7 +1113,10 @@ impl Machine {
                 }
             }
             State::Alone => {
-                let Some(peer) = present else { return };
+                let Some(peer) = present else {
+                    self.serve_peer(None, out);
+                    return;
+                };
                 if self.busy.is_some() {
                     return;
                 }
@@ -1052,7 +1146,10 @@ impl Machine {
                     self.persistent.last_shared = self.persistent.history.current().map(|g| g.id);
                     self.persist(out);
                     self.transition(State::Prim, "the peer is SECOND and up to date", out);
+                    self.serve_peer(Some(&peer), out);
                     self.default_prim_swap(&peer, out);
+                } else {
+                    self.serve_peer(Some(&peer), out);
                 }
             }
             State::Prim => match present {
@@ -1066,6 +1163,7 @@ impl Machine {
                     self.primary_lost_peer("remote stop", out);
                 }
                 Some(peer) => {
+                    self.serve_peer(Some(&peer), out);
                     if peer.status.swap_requested && peer.in_sync_second() && self.busy.is_none() {
                         log(out, Level::Info, "Action swap called by the peer".into());
                         self.stop_application(false, AfterStop::Handover, out);
@@ -1099,6 +1197,8 @@ impl Machine {
                         "the primary runs alone after a replication failure (degraded)",
                         out,
                     );
+                } else if phase == SecondPhase::Resyncing {
+                    self.second_observes_serve(&peer, out);
                 } else if phase == SecondPhase::InSync
                     && peer.history.current() != self.persistent.history.current()
                 {
@@ -1492,6 +1592,188 @@ impl Machine {
         }
     }
 
+    // ----- reintegration handshake (see the `cluster` module documentation) -----
+
+    /// The primary serves the reintegration its resynchronizing peer asks for,
+    /// once per attempt, and forgets it when the peer stops asking.
+    fn serve_peer(&mut self, peer: Option<&PeerView>, out: &mut Vec<Action>) {
+        let request = peer
+            .filter(|peer| {
+                peer.status.state == ModuleState::Second && peer.status.detail == Detail::Resyncing
+            })
+            .and_then(|peer| peer.status.resync_request.map(|request| (peer, request)));
+        match request {
+            Some((_, request))
+                if self
+                    .serve
+                    .is_some_and(|serve| serve.attempt == request.attempt) => {}
+            Some((peer, request)) => {
+                let kind = match compare(&self.persistent.history, &peer.history) {
+                    Verdict::LocalAhead { since } | Verdict::Equal { current: since }
+                        if !request.full =>
+                    {
+                        ResyncKind::Incremental { since }
+                    }
+                    _ => ResyncKind::Full,
+                };
+                self.serve = Some(ResyncServeStatus {
+                    attempt: request.attempt,
+                    full: kind == ResyncKind::Full,
+                    phase: ServePhase::Running(ResyncProgressStatus::default()),
+                });
+                self.resync_progress = None;
+                out.push(Action::SetReplicationRole(ReplicationRole::Primary));
+                out.push(Action::ServeResync {
+                    kind,
+                    attempt: request.attempt,
+                });
+                let what = match kind {
+                    ResyncKind::Full => "full".to_string(),
+                    ResyncKind::Incremental { since } => {
+                        format!("incremental since generation {since}")
+                    }
+                };
+                log(
+                    out,
+                    Level::Info,
+                    format!(
+                        "Reintegration of {} served from this node ({what})",
+                        self.params.peer
+                    ),
+                );
+            }
+            None => {
+                if self.serve.take().is_some() {
+                    let joined = peer.is_some_and(|peer| {
+                        peer.in_sync_second()
+                            && peer.history.current() == self.persistent.history.current()
+                    });
+                    if self.state == State::Alone && !joined {
+                        // The peer left its reintegration (failed, stopped, gone):
+                        // stop sending and record every change again.
+                        out.push(Action::SetReplicationRole(ReplicationRole::Alone));
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_resync_served(
+        &mut self,
+        attempt: u64,
+        progress: ResyncProgressStatus,
+        out: &mut Vec<Action>,
+    ) {
+        let generation = self.persistent.history.current().map(|g| g.id);
+        let Some(serve) = self.serve.as_mut().filter(|serve| {
+            serve.attempt == attempt && matches!(serve.phase, ServePhase::Running(_))
+        }) else {
+            log(
+                out,
+                Level::Info,
+                "Ignored the end of a reintegration no longer served".into(),
+            );
+            return;
+        };
+        let Some(generation) = generation else {
+            serve.phase = ServePhase::Failed;
+            self.never("reintegration served without a current generation", out);
+            return;
+        };
+        serve.phase = ServePhase::Served {
+            generation: generation.0,
+            progress,
+        };
+        self.resync_progress = Some(progress);
+        log(
+            out,
+            Level::Info,
+            format!(
+                "Reintegration of {} served up to generation {generation}: {} files, {} bytes sent",
+                self.params.peer, progress.files_done, progress.bytes_sent
+            ),
+        );
+    }
+
+    /// The replication connection broke while this ALONE node served a reintegration.
+    fn serve_link_lost(&mut self, out: &mut Vec<Action>) {
+        let Some(serve) = self.serve.as_mut() else {
+            return;
+        };
+        match serve.phase {
+            ServePhase::Running(_) => {
+                serve.phase = ServePhase::Failed;
+                log(
+                    out,
+                    Level::Warn,
+                    "Replication connection lost during the reintegration: the peer retries".into(),
+                );
+            }
+            ServePhase::Served { .. } => {
+                // The peer may already count itself in sync with our generation
+                // while changes since then were only recorded here: a new
+                // generation makes it reintegrate them.
+                log(
+                    out,
+                    Level::Warn,
+                    "Replication connection lost after the reintegration: new generation".into(),
+                );
+                self.go_alone(
+                    Origin::ContinuedPrimary,
+                    true,
+                    "replication lost after reintegration",
+                    out,
+                );
+            }
+            ServePhase::Failed => {}
+        }
+    }
+
+    /// A resynchronizing SECOND reads the outcome of its attempt in the primary's heartbeat.
+    fn second_observes_serve(&mut self, peer: &PeerView, out: &mut Vec<Action>) {
+        let Some(serve) = peer
+            .status
+            .resync_serve
+            .filter(|serve| serve.attempt == self.resync_attempt)
+        else {
+            return;
+        };
+        match serve.phase {
+            ServePhase::Running(progress) => {
+                // Progress never goes back within one attempt (a data path may also report it).
+                let percent = progress.percent.min(100).max(self.resync_percent);
+                if percent / 10 > self.resync_percent / 10 {
+                    log(
+                        out,
+                        Level::Info,
+                        format!("Reintegration progress: {percent}%"),
+                    );
+                }
+                self.resync_percent = percent;
+                self.resync_progress = Some(progress);
+            }
+            ServePhase::Served {
+                generation,
+                progress,
+            } => {
+                if peer.history.current().map(|g| g.id.0) != Some(generation) {
+                    // The primary moved to a new generation since: it serves again.
+                    return;
+                }
+                self.resync_progress = Some(progress);
+                self.resync_target = Some(peer.history.clone());
+                self.on_resync_completed(out);
+            }
+            ServePhase::Failed => {
+                let reason = "the primary reported the reintegration failed".to_string();
+                log(out, Level::Error, format!("Reintegration failed: {reason}"));
+                out.push(Action::SetReplicationRole(ReplicationRole::Off));
+                self.retry_at = Some(self.now + self.params.timeout);
+                self.transition(State::Wait(WaitReason::ResyncFailed), &reason, out);
+            }
+        }
+    }
+
     fn primary_lost_peer(&mut self, why: &str, out: &mut Vec<Action>) {
         if matches!(self.busy, Some(Busy::StoppingPrim { .. })) {
             log(out, Level::Warn, format!("Peer lost while stopping: {why}"));
@@ -1618,6 +1900,9 @@ impl Machine {
         self.persistent.was_primary = true;
         self.persistent.resync_in_progress = None;
         self.persist(out);
+        // A served reintegration described the previous generation; the peer's
+        // request (if it still waits) is served again over the new one.
+        self.serve = None;
         self.split_brain_logged = false;
         self.handover_until = None;
         self.swap_requested = false;
@@ -1647,6 +1932,11 @@ impl Machine {
         self.persist(out);
         self.resync_target = Some(peer.history.clone());
         self.resync_percent = 0;
+        self.resync_progress = None;
+        self.attempt_counter += 1;
+        self.resync_attempt = splitmix64(
+            self.seed.rotate_left(29) ^ splitmix64(self.attempt_counter ^ 0x5e4e_d000_0000_0000),
+        );
         out.push(Action::SetReplicationRole(ReplicationRole::Secondary));
         out.push(Action::StartResync { kind });
         let what = match kind {

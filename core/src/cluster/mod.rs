@@ -4,6 +4,7 @@
 //!   the split-brain rule, and the persisted state's byte encoding.
 //! - [`heartbeat`]: per-LAN last-seen times, the peer-loss verdict, degraded LANs.
 //! - [`machine`]: the STOP/WAIT/ALONE/PRIM/SECOND machine, `handle(now, Event) -> Vec<Action>`.
+//! - [`rules`]: checker verdict stability, local-failure actions and `maxloop`.
 //!
 //! # Contract with the agent
 //!
@@ -27,12 +28,48 @@
 //! - [`Action::RefuseCommand`] answers the `safekit` command that caused it;
 //!   a command without one was accepted.
 //!
+//! # Reintegration handshake (secondary-driven, primary-served)
+//!
+//! The resync engine runs on the **primary**: it owns the tree and the one
+//! ordered replication stream, so resync data and live writes cannot overtake
+//! each other. The SECOND only receives.
+//!
+//! 1. The joining node goes SECOND (resynchronizing) with
+//!    [`Action::SetReplicationRole`]`(Secondary)` (its receiver listens) and
+//!    [`Action::StartResync`]; its heartbeat then carries a
+//!    `resync_request { attempt, full }`, `attempt` drawn afresh at each attempt.
+//! 2. The ALONE (or PRIM) node seeing that request for an attempt it has not
+//!    served yet emits `SetReplicationRole(Primary)` (live writes flow to the
+//!    peer from now on) and [`Action::ServeResync`]` { kind, attempt }`:
+//!    incremental when the peer's current generation is in our history and it
+//!    did not ask for a full copy, full otherwise. It stays ALONE meanwhile.
+//! 3. The data path reports [`Event::ResyncServeProgress`], then
+//!    [`Event::ResyncServed`] (the engine's final durable barrier passed) or
+//!    [`Event::ResyncServeFailed`]; the primary's heartbeat carries
+//!    `resync_serve { attempt, phase }` with the progress, `Served { generation }`
+//!    or `Failed`.
+//! 4. The SECOND reads its attempt's phase in the primary's heartbeat: progress
+//!    feeds `safekit state -v`; `Served` for the primary's current generation
+//!    completes it exactly like [`Event::ResyncCompleted`] (history adopted, in
+//!    sync); `Failed` makes it WAIT (resynchronization failed) and retry after
+//!    `timeout` with a new attempt.
+//! 5. The primary goes PRIM once the peer is an in-sync SECOND with its
+//!    current generation. It forgets the serve when the peer stops asking; if
+//!    the peer left without joining, it switches back to `Alone` (dirty
+//!    recording). A replication loss while ALONE after `Served` starts a new
+//!    generation, so a peer that already counted itself in sync reintegrates
+//!    what only this node recorded.
+//!
+//! A data path that completes locally (no `<rfs>`) may still report
+//! [`Event::ResyncCompleted`] on the SECOND directly.
+//!
 //! Nothing here reads a clock or touches the system; the simulated cluster
 //! (`sim`, test only) drives two machines through the real heartbeat format.
 
 pub mod generations;
 pub mod heartbeat;
 pub mod machine;
+pub mod rules;
 
 #[cfg(test)]
 mod scenarios;

@@ -821,3 +821,125 @@ fn a_swap_interrupted_by_a_replication_failure_is_aborted_and_the_primary_keeps_
         sim.dump()
     );
 }
+
+// ----- reintegration served by the primary (the Linux data path's handshake) -----
+
+fn served_pair(options: PairOptions) -> Sim {
+    let mut sim = Sim::pair(options);
+    sim.served_resync = true;
+    sim
+}
+
+#[test]
+fn served_first_start_primary_serves_full_then_both_pair_up() {
+    let mut sim = served_pair(PairOptions::default());
+    sim.run_for(ms(5000));
+    sim.command(NODE1, Command::Prim);
+    sim.run_for(ms(1500));
+    check(&sim, NODE1, State::Alone);
+    sim.command(NODE2, Command::Second);
+    sim.run_for(ms(1000));
+    check(&sim, NODE2, State::Second(SecondPhase::Resyncing));
+    // The ALONE primary serves the peer's attempt: replication on, state still ALONE.
+    check(&sim, NODE1, State::Alone);
+    check_logged(&sim, NODE1, "served from this node (full)");
+    assert_eq!(sim.nodes[NODE1].replication, ReplicationRole::Primary);
+    let served = sim.nodes[NODE1]
+        .actions
+        .iter()
+        .filter(|(_, action)| matches!(action, Action::ServeResync { .. }))
+        .count();
+    assert_eq!(served, 1, "each attempt is served once\n{}", sim.dump());
+    // Halfway, the SECOND shows the primary's progress from its heartbeats.
+    sim.run_for(ms(1500));
+    assert_eq!(
+        sim.nodes[NODE2].machine.resync_percent(),
+        50,
+        "{}",
+        sim.dump()
+    );
+    sim.drive();
+    check(&sim, NODE1, State::Prim);
+    check(&sim, NODE2, State::Second(SecondPhase::InSync));
+    check_logged(&sim, NODE1, "served up to generation");
+    assert!(sim.nodes[NODE1].machine.serving().is_none());
+    assert!(matches!(
+        compare(
+            &sim.nodes[NODE1].persisted.history,
+            &sim.nodes[NODE2].persisted.history
+        ),
+        Verdict::Equal { .. }
+    ));
+}
+
+#[test]
+fn served_failback_after_a_crash_is_incremental() {
+    let mut sim = served_pair(PairOptions::default());
+    sim.run_for(ms(5000));
+    sim.command(NODE1, Command::Prim);
+    sim.run_for(ms(1500));
+    sim.command(NODE2, Command::Second);
+    sim.drive();
+    check(&sim, NODE1, State::Prim);
+    check(&sim, NODE2, State::Second(SecondPhase::InSync));
+    sim.crash(NODE1);
+    sim.drive();
+    check(&sim, NODE2, State::Alone);
+    sim.restart_agent(NODE1);
+    sim.command(NODE1, Command::Start);
+    sim.drive();
+    check(&sim, NODE2, State::Prim);
+    check(&sim, NODE1, State::Second(SecondPhase::InSync));
+    let incremental = sim.nodes[NODE2].actions.iter().any(|(_, action)| {
+        matches!(
+            action,
+            Action::ServeResync {
+                kind: super::ResyncKind::Incremental { .. },
+                ..
+            }
+        )
+    });
+    assert!(incremental, "{}", sim.dump());
+    assert!(sim.nodes.iter().all(|node| node.violations.is_empty()));
+}
+
+#[test]
+fn served_resync_failing_on_a_replication_cut_is_retried_with_a_new_attempt() {
+    let mut sim = served_pair(PairOptions {
+        lans: vec![
+            Lan {
+                name: "default".into(),
+                flow: false,
+            },
+            Lan {
+                name: "flow".into(),
+                flow: true,
+            },
+        ],
+        ..PairOptions::default()
+    });
+    sim.run_for(ms(5000));
+    sim.command(NODE1, Command::Prim);
+    sim.run_for(ms(1500));
+    sim.command(NODE2, Command::Second);
+    sim.run_for(ms(1500));
+    check(&sim, NODE2, State::Second(SecondPhase::Resyncing));
+    // Only the replication LAN breaks: heartbeats still flow on the other one.
+    sim.partition(NODE1, NODE2, Some("flow"));
+    sim.run_for(ms(2000));
+    check_logged(&sim, NODE2, "Reintegration failed");
+    check(&sim, NODE1, State::Alone);
+    sim.heal();
+    sim.drive();
+    check(&sim, NODE1, State::Prim);
+    check(&sim, NODE2, State::Second(SecondPhase::InSync));
+    let attempts: std::collections::HashSet<u64> = sim.nodes[NODE1]
+        .actions
+        .iter()
+        .filter_map(|(_, action)| match action {
+            Action::ServeResync { attempt, .. } => Some(*attempt),
+            _ => None,
+        })
+        .collect();
+    assert!(attempts.len() >= 2, "{}", sim.dump());
+}

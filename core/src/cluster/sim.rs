@@ -8,6 +8,11 @@
 //! LAN, partition two nodes, delay packets and heal. Scripts and
 //! resynchronizations complete after configurable delays; a resynchronization
 //! fails if the replication LAN between the nodes is cut when it would finish.
+//! With [`Sim::served_resync`], resynchronizations follow the Linux data
+//! path's handshake instead: the SECOND's `StartResync` only arms its
+//! receiver, the primary's `ServeResync` runs the (simulated) engine and
+//! reports `ResyncServed`, and the SECOND completes when it reads that in the
+//! primary's heartbeat.
 //! Every node's log lines are kept (and printed on failure by the tests) with
 //! the node name and the virtual time.
 
@@ -49,6 +54,8 @@ pub struct SimNode {
     resync_epoch: u64,
     /// Diverged files were set aside and no resync has consumed that yet.
     set_aside_pending: bool,
+    /// Serve epoch: a served resync's end scheduled before a role change is dropped.
+    serve_epoch: u64,
     /// Broken promises seen while executing actions (checked by the tests).
     pub violations: Vec<String>,
     /// How many times start_prim / stop_prim ran.
@@ -66,6 +73,10 @@ enum Delivery {
     Event(Event),
     ResyncDone {
         epoch: u64,
+    },
+    ServeDone {
+        epoch: u64,
+        attempt: u64,
     },
 }
 
@@ -87,6 +98,8 @@ pub struct Sim {
     pub delay: Duration,
     pub script_delay: Duration,
     pub resync_delay: Duration,
+    /// Resynchronizations are served by the primary (see the module documentation).
+    pub served_resync: bool,
     queue: Vec<Scheduled>,
     order: u64,
     pub lans: Vec<Lan>,
@@ -164,6 +177,7 @@ impl Sim {
                 log: Vec::new(),
                 resync_epoch: 0,
                 set_aside_pending: false,
+                serve_epoch: 0,
                 violations: Vec::new(),
                 start_prim_runs: 0,
                 stop_prim_runs: 0,
@@ -176,6 +190,7 @@ impl Sim {
             delay: ms(1),
             script_delay: ms(50),
             resync_delay: ms(2000),
+            served_resync: false,
             queue: Vec::new(),
             order: 0,
             lans: options.lans,
@@ -344,6 +359,9 @@ impl Sim {
                     if *role != ReplicationRole::Secondary {
                         n.resync_epoch += 1;
                     }
+                    if *role != ReplicationRole::Primary {
+                        n.serve_epoch += 1;
+                    }
                 }
                 Action::StartResync { .. } => {
                     // Never silently drop data: if this node's current generation is
@@ -363,6 +381,10 @@ impl Sim {
                     }
                     n.set_aside_pending = false;
                     n.resync_epoch += 1;
+                    if self.served_resync {
+                        // The receiver is armed; the primary serves.
+                        continue;
+                    }
                     let epoch = n.resync_epoch;
                     let half = now + self.resync_delay / 2;
                     let done = now + self.resync_delay;
@@ -372,6 +394,29 @@ impl Sim {
                         Delivery::Event(Event::ResyncProgress { percent: 50 }),
                     );
                     self.schedule(done, node, Delivery::ResyncDone { epoch });
+                }
+                Action::ServeResync { attempt, .. } => {
+                    if !self.served_resync {
+                        continue;
+                    }
+                    let epoch = n.serve_epoch;
+                    let attempt = *attempt;
+                    let progress = wire::ResyncProgressStatus {
+                        percent: 50,
+                        files_done: 5,
+                        files_total: 10,
+                        ..wire::ResyncProgressStatus::default()
+                    };
+                    self.schedule(
+                        now + self.resync_delay / 2,
+                        node,
+                        Delivery::Event(Event::ResyncServeProgress { attempt, progress }),
+                    );
+                    self.schedule(
+                        now + self.resync_delay,
+                        node,
+                        Delivery::ServeDone { epoch, attempt },
+                    );
                 }
                 Action::SetAsideDivergedFiles { since, reason } => {
                     n.set_aside_pending = true;
@@ -498,6 +543,30 @@ impl Sim {
                 Event::HeartbeatReceived(heartbeat)
             }
             Delivery::Event(event) => event,
+            Delivery::ServeDone { epoch, attempt } => {
+                if epoch != self.nodes[node].serve_epoch {
+                    return;
+                }
+                let peer = 1 - node;
+                if self.replication_connected(node, peer)
+                    && self.nodes[peer].replication == ReplicationRole::Secondary
+                {
+                    Event::ResyncServed {
+                        attempt,
+                        progress: wire::ResyncProgressStatus {
+                            percent: 100,
+                            files_done: 10,
+                            files_total: 10,
+                            ..wire::ResyncProgressStatus::default()
+                        },
+                    }
+                } else {
+                    Event::ResyncServeFailed {
+                        attempt,
+                        reason: "connection to the secondary lost".into(),
+                    }
+                }
+            }
             Delivery::ResyncDone { epoch } => {
                 if epoch != self.nodes[node].resync_epoch {
                     return;

@@ -1,0 +1,310 @@
+//! The cloud health check: `GET /var/modules/<module>/ready.txt` over HTTP, for load balancers.
+//!
+//! In clouds and routed sites there is no virtual IP; a load balancer probes
+//! every node and sends traffic to the one that answers 200. This listener
+//! answers 200 when the module runs its application here (PRIM or ALONE, UP
+//! for a farm module) and 404 otherwise, including for unknown modules and
+//! paths. It reads the status each module's runner already publishes, so it
+//! never waits on a runner.
+//!
+//! Configuration, as SafeKit's web server: `SAFE/web/conf/httpd.conf` lines
+//! `Define httpport <port>` (default 9010) and, our extension, `Define
+//! httpaddr <address>` (repeatable; `0.0.0.0` only if written there). Without
+//! `httpaddr` the listener binds this node's addresses from cluster.xml, never
+//! the wildcard address.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::daemon::runner::Registry;
+
+/// The default port (SafeKit's HTTP port).
+pub const DEFAULT_PORT: u16 = 9010;
+/// A request larger than this is refused.
+const MAX_REQUEST: usize = 8192;
+/// How often binding is retried when an address is not there yet.
+const BIND_RETRY: Duration = Duration::from_secs(5);
+/// A client that sends nothing for this long is dropped.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where the listener binds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthConfig {
+    /// The port.
+    pub port: u16,
+    /// The addresses.
+    pub addrs: Vec<IpAddr>,
+}
+
+/// Reads `httpd.conf` (`Define httpport`, `Define httpaddr`); `node_addrs` when no `httpaddr`.
+pub fn config(httpd_conf: &Path, node_addrs: &[IpAddr]) -> Result<HealthConfig, String> {
+    let text = match std::fs::read_to_string(httpd_conf) {
+        Ok(text) => text,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(error) => return Err(format!("{}: {error}", httpd_conf.display())),
+    };
+    parse_config(&text, node_addrs).map_err(|error| format!("{}: {error}", httpd_conf.display()))
+}
+
+fn parse_config(text: &str, node_addrs: &[IpAddr]) -> Result<HealthConfig, String> {
+    let mut port = DEFAULT_PORT;
+    let mut addrs = Vec::new();
+    for line in text.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["Define", "httpport", value] => {
+                port = value
+                    .parse()
+                    .map_err(|_| format!("httpport {value} is not a port"))?;
+            }
+            ["Define", "httpaddr", value] => addrs.push(
+                value
+                    .parse()
+                    .map_err(|_| format!("httpaddr {value} is not an address"))?,
+            ),
+            _ => {}
+        }
+    }
+    if addrs.is_empty() {
+        addrs = node_addrs.to_vec();
+    }
+    addrs.sort();
+    addrs.dedup();
+    Ok(HealthConfig { port, addrs })
+}
+
+/// Binds every configured address and serves until the runtime ends.
+///
+/// # Errors
+/// An address cannot be bound (the others are not served either).
+pub async fn serve(config: &HealthConfig, registry: Arc<Registry>) -> std::io::Result<()> {
+    let mut listeners = Vec::new();
+    for addr in &config.addrs {
+        let listener = TcpListener::bind(SocketAddr::new(*addr, config.port)).await?;
+        listeners.push(listener);
+    }
+    for listener in listeners {
+        let registry = Arc::clone(&registry);
+        tokio::spawn(async move {
+            loop {
+                match listener.accept().await {
+                    Ok((stream, _)) => {
+                        let registry = Arc::clone(&registry);
+                        tokio::spawn(async move {
+                            if let Err(error) = answer(stream, &registry).await {
+                                tracing::debug!(%error, "health check connection");
+                            }
+                        });
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "health check listener: accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
+/// Starts the listener for the daemon of `node`: reads `SAFE/web/conf/httpd.conf`
+/// and the node's addresses in cluster.xml. Problems are logged; the agent runs on without it.
+pub async fn start_for_node(safe: &Path, var: &Path, node: &str, registry: Arc<Registry>) {
+    let paths = crate::daemon::load::NodePaths {
+        safe: safe.to_path_buf(),
+        var: var.to_path_buf(),
+    };
+    let node_addrs: Vec<IpAddr> = match crate::daemon::load::load_cluster(&paths) {
+        Ok(cluster) => cluster
+            .lans
+            .lan
+            .iter()
+            .flat_map(|lan| lan.node.iter())
+            .filter(|entry| entry.name == node)
+            .filter_map(|entry| {
+                entry
+                    .addr
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse()
+                    .ok()
+            })
+            .collect(),
+        Err(error) => {
+            tracing::error!(%error, "health check not started");
+            return;
+        }
+    };
+    let httpd_conf = safe.join("web").join("conf").join("httpd.conf");
+    let config = match config(&httpd_conf, &node_addrs) {
+        Ok(config) => config,
+        Err(error) => {
+            tracing::error!(%error, "health check not started");
+            return;
+        }
+    };
+    if let Err(error) = serve(&config, Arc::clone(&registry)).await {
+        // An address may not be up yet at boot: retry in the background.
+        tracing::error!(%error, port = config.port, "health check: cannot bind yet, retrying every 5 s");
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(BIND_RETRY).await;
+                if serve(&config, Arc::clone(&registry)).await.is_ok() {
+                    tracing::info!(port = config.port, addrs = ?config.addrs, "health check (ready.txt) listening");
+                    return;
+                }
+            }
+        });
+        return;
+    }
+    tracing::info!(port = config.port, addrs = ?config.addrs, "health check (ready.txt) listening");
+}
+
+async fn answer(mut stream: TcpStream, registry: &Registry) -> std::io::Result<()> {
+    let mut request = Vec::new();
+    let mut buffer = [0u8; 1024];
+    while !request.windows(4).any(|window| window == b"\r\n\r\n") {
+        let read = tokio::time::timeout(READ_TIMEOUT, stream.read(&mut buffer))
+            .await
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+        if read == 0 {
+            break;
+        }
+        request.extend_from_slice(buffer.get(..read).unwrap_or_default());
+        if request.len() > MAX_REQUEST {
+            break;
+        }
+    }
+    let line = request
+        .split(|byte| *byte == b'\n')
+        .next()
+        .map(|line| String::from_utf8_lossy(line).trim_end().to_string())
+        .unwrap_or_default();
+    let (status, body, head) = respond(&line, |module| {
+        registry
+            .modules
+            .get(module)
+            .map(|handle| handle.status.borrow().state.clone())
+    });
+    let reason = match status {
+        200 => "OK",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        _ => "Bad Request",
+    };
+    let mut response = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    if !head {
+        response.push_str(&body);
+    }
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+/// The answer to a request line: status, body, and whether it was `HEAD` (no body).
+fn respond(line: &str, state_of: impl Fn(&str) -> Option<String>) -> (u16, String, bool) {
+    let mut words = line.split_whitespace();
+    let (Some(method), Some(target), Some(version)) = (words.next(), words.next(), words.next())
+    else {
+        return (400, "bad request\n".into(), false);
+    };
+    if !version.starts_with("HTTP/1.") {
+        return (400, "bad request\n".into(), false);
+    }
+    let head = method == "HEAD";
+    if method != "GET" && !head {
+        return (405, "only GET and HEAD\n".into(), head);
+    }
+    let path = target.split(['?', '#']).next().unwrap_or("");
+    let module = path
+        .strip_prefix("/var/modules/")
+        .and_then(|rest| rest.strip_suffix("/ready.txt"))
+        .filter(|module| !module.is_empty() && !module.contains('/'));
+    let Some(module) = module else {
+        return (404, "not found\n".into(), head);
+    };
+    match state_of(module) {
+        Some(state) if matches!(state.as_str(), "PRIM" | "ALONE" | "UP") => {
+            (200, format!("{state}\n"), head)
+        }
+        Some(state) => (404, format!("{state}\n"), head),
+        None => (404, "no such module\n".into(), head),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn states(module: &str) -> Option<String> {
+        match module {
+            "prim" => Some("PRIM".into()),
+            "alone" => Some("ALONE".into()),
+            "farm" => Some("UP".into()),
+            "second" => Some("SECOND".into()),
+            "wait" => Some("WAIT".into()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn ready_only_where_the_application_runs() {
+        for (module, status) in [
+            ("prim", 200),
+            ("alone", 200),
+            ("farm", 200),
+            ("second", 404),
+            ("wait", 404),
+            ("unknown", 404),
+        ] {
+            let line = format!("GET /var/modules/{module}/ready.txt HTTP/1.1");
+            assert_eq!(respond(&line, states).0, status, "{module}");
+        }
+        assert_eq!(
+            respond("GET /var/modules/prim/ready.txt?x=1 HTTP/1.0", states).0,
+            200
+        );
+        assert_eq!(
+            respond("GET /var/modules/prim/other HTTP/1.1", states).0,
+            404
+        );
+        assert_eq!(
+            respond("GET /var/modules/a/b/ready.txt HTTP/1.1", states).0,
+            404
+        );
+        assert_eq!(
+            respond("POST /var/modules/prim/ready.txt HTTP/1.1", states).0,
+            405
+        );
+        assert_eq!(respond("garbage", states).0, 400);
+        let (status, _, head) = respond("HEAD /var/modules/prim/ready.txt HTTP/1.1", states);
+        assert_eq!((status, head), (200, true));
+    }
+
+    #[test]
+    fn binds_node_addresses_unless_configured() {
+        let node: Vec<IpAddr> = vec!["10.0.0.1".parse().expect("ip")];
+        assert_eq!(
+            parse_config("", &node).expect("config"),
+            HealthConfig {
+                port: 9010,
+                addrs: node.clone()
+            }
+        );
+        let config = parse_config(
+            "# web\nDefine httpport 9011\nDefine httpaddr 0.0.0.0\n",
+            &node,
+        )
+        .expect("config");
+        assert_eq!(config.port, 9011);
+        assert_eq!(config.addrs, vec![IpAddr::from([0, 0, 0, 0])]);
+        assert!(parse_config("Define httpport big", &node).is_err());
+    }
+}

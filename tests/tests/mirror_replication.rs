@@ -1,0 +1,558 @@
+//! Mirror replication end to end: two nodes with `<rfs>` pair up, replicate
+//! live, fail over and reintegrate, checked as an operator would.
+//!
+//! node1 `prim` with data (ALONE, FUSE mount over the replicated directory,
+//! changes recorded in the dirty log), node2 `second`: node1 serves node2's
+//! reintegration through its replication stream (a full one the first time),
+//! then node2 is SECOND and node1 PRIM. Writes on node1 are then on node2 when
+//! they return. node1 loses power: node2 takes over ALONE with every
+//! acknowledged write. node1 reboots and `start`s: node2 serves an incremental
+//! reintegration and node1 becomes SECOND with the same tree.
+//!
+//! Trees are compared inside each node: type, path, mode, owner and symlink
+//! target of every entry, and the SHA-256 of every regular file. The binaries
+//! must be built first: `cargo build -p safekit-agent --bins` (same target
+//! directory).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use safekit_tests::{Cluster, Node, NodeProcess, require_root, wait_until, workspace_bin};
+
+const MODULE: &str = "mirror";
+const ALONE: i32 = 2;
+const PRIM: i32 = 3;
+const SECOND: i32 = 4;
+const SECRET: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+/// The replicated directory (a private directory of each node).
+const REPLICATED: &str = "/replicated/data";
+/// `reiallowedbw`: the first (full) reintegration of about 6 MiB lasts about 3 s,
+/// long enough to watch its progress in `safekit state -v` on both nodes.
+const RESYNC_KBPS: u32 = 2048;
+/// Bound of every wait for a state: failover with timeout 1 s, a resync of a few MiB, a slow machine.
+const STATE_WAIT: Duration = Duration::from_secs(60);
+
+/// One node's SafeKit installation.
+struct MirrorNode<'a> {
+    node: &'a Node,
+    safe: PathBuf,
+    var: PathBuf,
+}
+
+impl<'a> MirrorNode<'a> {
+    fn install(node: &'a Node, cluster: &Cluster) -> MirrorNode<'a> {
+        let safe = node.config_dir().join("safe");
+        let var = node.state_dir().join("safevar");
+        let module = safe.join("modules").join(MODULE);
+        for dir in [module.join("conf"), var.join("cluster")] {
+            std::fs::create_dir_all(&dir).expect("create SafeKit directories");
+        }
+        let nodes: String = cluster
+            .nodes()
+            .iter()
+            .map(|peer| format!("<node name=\"{}\" addr=\"{}\"/>", peer.name(), peer.addr(0)))
+            .collect();
+        std::fs::write(
+            var.join("cluster").join("cluster.xml"),
+            format!("<cluster><lans><lan name=\"default\">{nodes}</lan></lans></cluster>\n"),
+        )
+        .expect("write cluster.xml");
+        let secret = var.join("cluster").join("secret");
+        std::fs::write(&secret, SECRET).expect("write the secret");
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600))
+                .expect("chmod the secret");
+        }
+        std::fs::write(
+            module.join("conf").join("userconfig.xml"),
+            format!(
+                r#"<safe>
+<service mode="mirror" defaultprim="alone" failover="on">
+  <heart pulse="200ms" timeout="1000ms">
+    <heartbeat name="default"/>
+  </heart>
+  <rfs replication_timeout="500ms" nbrei="3" reiallowedbw="{RESYNC_KBPS}">
+    <replicated dir="{REPLICATED}" mode="read_only"/>
+  </rfs>
+</service>
+</safe>
+"#
+            ),
+        )
+        .expect("write userconfig.xml");
+        let link = safe.join("safekit");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(workspace_bin("safekit").expect("safekit is built"), link)
+            .expect("link $SAFE/safekit");
+        MirrorNode { node, safe, var }
+    }
+
+    fn start_agent(&self) -> NodeProcess {
+        let safekitd = workspace_bin("safekitd").expect("safekitd is built");
+        let agent = self
+            .node
+            .spawn(format!(
+                "exec {} --foreground --safe {} --var {} --node {}",
+                safekitd.display(),
+                self.safe.display(),
+                self.var.display(),
+                self.node.name()
+            ))
+            .expect("spawn safekitd");
+        wait_until(
+            &format!("{}'s agent to answer", self.node.name()),
+            STATE_WAIT,
+            Duration::from_millis(50),
+            || self.safekit("module list").success(),
+        )
+        .unwrap_or_else(|error| panic!("{error}: {}", agent.output()));
+        agent
+    }
+
+    fn safekit(&self, args: &str) -> safekit_tests::Output {
+        self.node
+            .run(format!(
+                "SAFE={} SAFEVAR={} {}/safekit {args}",
+                self.safe.display(),
+                self.var.display(),
+                self.safe.display()
+            ))
+            .expect("run safekit")
+    }
+
+    fn safekit_ok(&self, args: &str) -> String {
+        let output = self.safekit(args);
+        assert!(
+            output.success(),
+            "{}: safekit {args} failed: {}{}\n{}",
+            self.node.name(),
+            output.stdout,
+            output.stderr,
+            self.diagnostics()
+        );
+        output.stdout
+    }
+
+    fn state(&self) -> i32 {
+        self.safekit(&format!("state -m {MODULE} -lq"))
+            .status
+            .code()
+            .unwrap_or(-1)
+    }
+
+    /// Waits for `code` and returns how long it took.
+    fn wait_state(&self, code: i32) -> Duration {
+        let start = Instant::now();
+        if let Err(error) = wait_until(
+            &format!("{} in state {code}", self.node.name()),
+            STATE_WAIT,
+            Duration::from_millis(50),
+            || self.state() == code,
+        ) {
+            panic!("{error} (now {})\n{}", self.state(), self.diagnostics());
+        }
+        start.elapsed()
+    }
+
+    /// Waits until `state -v` shows the peer as `expected` (e.g. `node1 ALONE`).
+    fn wait_peer(&self, expected: &str) {
+        wait_until(
+            &format!("{} to see its peer as {expected}", self.node.name()),
+            STATE_WAIT,
+            Duration::from_millis(50),
+            || {
+                self.safekit(&format!("state -m {MODULE} -v"))
+                    .stdout
+                    .lines()
+                    .filter_map(|line| line.trim_start().strip_prefix("peer"))
+                    .any(|value| value.trim() == expected)
+            },
+        )
+        .unwrap_or_else(|error| panic!("{error}\n{}", self.diagnostics()));
+    }
+
+    fn log_file(&self) -> String {
+        std::fs::read_to_string(self.var.join("modules").join(MODULE).join("log"))
+            .unwrap_or_default()
+    }
+
+    fn diagnostics(&self) -> String {
+        format!(
+            "--- {} state -v:\n{}\n--- module log:\n{}",
+            self.node.name(),
+            self.safekit(&format!("state -m {MODULE} -v")).stdout,
+            self.log_file()
+        )
+    }
+
+    /// Runs a shell command inside the node, in the replicated directory.
+    fn in_data(&self, shell: &str) {
+        self.node
+            .run_ok(format!("cd {REPLICATED} && {shell}"))
+            .unwrap_or_else(|error| panic!("{}: {shell}: {error}", self.node.name()));
+    }
+
+    /// Every entry's type, path, mode, owner and link target, then every file's SHA-256.
+    fn tree(&self) -> String {
+        self.node
+            .run_ok(format!(
+                "cd {REPLICATED} && find . -mindepth 1 -printf '%y %p %m %u %g %l\\n' | LC_ALL=C sort \
+                 && find . -type f -print0 | LC_ALL=C sort -z | xargs -0 -r sha256sum"
+            ))
+            .unwrap_or_else(|error| panic!("{}: list the tree: {error}", self.node.name()))
+    }
+}
+
+/// The `resync` line of `safekit state -v`, if any.
+fn resync_line(node: &MirrorNode<'_>) -> Option<String> {
+    node.safekit(&format!("state -m {MODULE} -v"))
+        .stdout
+        .lines()
+        .find(|line| line.trim_start().starts_with("resync"))
+        .map(str::to_string)
+}
+
+/// The first `N%` of a line.
+fn percent(line: &str) -> Option<u8> {
+    line.split_whitespace()
+        .find_map(|word| word.trim_end_matches(',').strip_suffix('%'))
+        .and_then(|number| number.parse().ok())
+}
+
+/// Asserts both trees are identical, printing the first difference.
+fn assert_same_tree(what: &str, expected: &str, actual: &str) {
+    if expected != actual {
+        let difference = expected
+            .lines()
+            .zip(actual.lines())
+            .find(|(left, right)| left != right);
+        panic!(
+            "{what}: trees differ (first difference {difference:?}; {} vs {} lines)",
+            expected.lines().count(),
+            actual.lines().count()
+        );
+    }
+}
+
+#[test]
+fn prim_then_second_pairs_up_replicates_live_fails_over_and_reintegrates_incrementally() {
+    assert!(
+        require_root(),
+        "this scenario needs root (namespaces, FUSE mounts)"
+    );
+    let cluster = Cluster::builder()
+        .nodes(2)
+        .private_dir(REPLICATED)
+        .build()
+        .expect("build the cluster");
+    let node1 = MirrorNode::install(cluster.node(1), &cluster);
+    let node2 = MirrorNode::install(cluster.node(2), &cluster);
+    let _agent1 = node1.start_agent();
+    let _agent2 = node2.start_agent();
+
+    // node1 runs alone with data: a few hundred KiB in small files, a 4 MiB file, a link.
+    node1.safekit_ok(&format!("prim -m {MODULE}"));
+    node1.wait_state(ALONE);
+    node1.in_data(
+        "mkdir -p docs/deep && for i in $(seq 1 60); do head -c $((i * 997)) /dev/urandom > docs/f$i; done \
+         && echo hello > docs/deep/hello.txt && chmod 600 docs/deep/hello.txt \
+         && head -c 4194304 /dev/urandom > big.bin && ln -s docs/deep/hello.txt link && sync",
+    );
+
+    // node2 joins: node1 serves a full reintegration, then PRIM/SECOND.
+    let start = Instant::now();
+    // As an operator would, check that node2 sees node1 primary before `second`.
+    node2.wait_peer("node1 ALONE");
+    node2.safekit_ok(&format!("second -m {MODULE}"));
+    node2.wait_state(SECOND);
+    // The progress is visible on both nodes while it runs.
+    let (mut seen_on_node1, mut seen_on_node2) = (None, None);
+    wait_until(
+        "the reintegration's progress in state -v on both nodes",
+        STATE_WAIT,
+        Duration::from_millis(20),
+        || {
+            if seen_on_node1.is_none() {
+                seen_on_node1 = resync_line(&node1).filter(|line| {
+                    line.contains("serving the peer (full)")
+                        && percent(line).is_some_and(|done| done > 0)
+                });
+            }
+            if seen_on_node2.is_none() {
+                seen_on_node2 = resync_line(&node2).filter(|line| {
+                    line.contains(", files ") && percent(line).is_some_and(|done| done > 0)
+                });
+            }
+            seen_on_node1.is_some() && seen_on_node2.is_some()
+        },
+    )
+    .unwrap_or_else(|error| {
+        panic!(
+            "{error}: node1 {seen_on_node1:?}, node2 {seen_on_node2:?}\n{}\n{}",
+            node1.diagnostics(),
+            node2.diagnostics()
+        )
+    });
+    eprintln!("progress on node1: {seen_on_node1:?}\nprogress on node2: {seen_on_node2:?}");
+    let in_sync = wait_until(
+        "node2 SECOND in sync and node1 PRIM",
+        STATE_WAIT,
+        Duration::from_millis(50),
+        || node1.state() == PRIM,
+    );
+    in_sync.unwrap_or_else(|error| {
+        panic!("{error}\n{}\n{}", node1.diagnostics(), node2.diagnostics())
+    });
+    let first_resync = start.elapsed();
+    assert_same_tree("after the full reintegration", &node1.tree(), &node2.tree());
+    assert!(
+        node1
+            .log_file()
+            .contains("Reintegration of node2 served from this node (full)"),
+        "{}",
+        node1.diagnostics()
+    );
+    assert!(
+        node2.log_file().contains("Reintegration completed"),
+        "{}",
+        node2.diagnostics()
+    );
+
+    // Live replication: every change on node1 is on node2 once the command returned.
+    node1.in_data(
+        "echo appended >> docs/f1 && printf XXXX | dd of=big.bin bs=1 seek=1000000 conv=notrunc status=none \
+         && rm docs/f2 && mv docs/f3 docs/f3.renamed && mkdir new && head -c 100000 /dev/urandom > new/n1",
+    );
+    let acknowledged = node1.tree();
+    assert_same_tree("live replication", &acknowledged, &node2.tree());
+
+    // Power cut of node1: node2 takes over with every acknowledged write.
+    let crashed = Instant::now();
+    cluster.node(1).crash().expect("crash node1");
+    node2.wait_state(ALONE);
+    let failover = crashed.elapsed();
+    assert_same_tree("after failover", &acknowledged, &node2.tree());
+
+    // node2 runs alone and changes things (recorded for node1's reintegration).
+    node2.in_data(
+        "echo while-alone >> docs/f4 && rm docs/f5 && head -c 50000 /dev/urandom > alone.bin \
+         && printf YYYY | dd of=big.bin bs=1 seek=3000000 conv=notrunc status=none && sync",
+    );
+
+    // node1 comes back and starts: incremental reintegration, node1 SECOND, node2 PRIM.
+    cluster.node(1).reboot().expect("reboot node1");
+    let _agent1_again = node1.start_agent();
+    let start = Instant::now();
+    node1.safekit_ok(&format!("start -m {MODULE}"));
+    node1.wait_state(SECOND);
+    wait_until(
+        "node2 PRIM after node1's reintegration",
+        STATE_WAIT,
+        Duration::from_millis(50),
+        || node2.state() == PRIM,
+    )
+    .unwrap_or_else(|error| panic!("{error}\n{}\n{}", node1.diagnostics(), node2.diagnostics()));
+    let failback = start.elapsed();
+    assert!(
+        node2
+            .log_file()
+            .contains("Reintegration of node1 served from this node (incremental"),
+        "{}",
+        node2.diagnostics()
+    );
+    assert_same_tree(
+        "after the incremental reintegration",
+        &node2.tree(),
+        &node1.tree(),
+    );
+
+    // swap: roles exchanged without a resync; node1's writes reach node2 again.
+    node2.safekit_ok(&format!("swap -m {MODULE}"));
+    node1.wait_state(PRIM);
+    node2.wait_state(SECOND);
+    node1.in_data("echo after-swap > swapped.txt");
+    assert_same_tree("after swap", &node1.tree(), &node2.tree());
+
+    eprintln!(
+        "timings: first (full) reintegration to PRIM/SECOND {:.2} s, failover {:.2} s, failback (incremental) to PRIM/SECOND {:.2} s",
+        first_resync.as_secs_f64(),
+        failover.as_secs_f64(),
+        failback.as_secs_f64()
+    );
+}
+
+#[test]
+fn after_a_split_brain_the_loser_keeps_its_files_aside_and_resyncs_from_the_winner() {
+    assert!(
+        require_root(),
+        "this scenario needs root (namespaces, FUSE mounts)"
+    );
+    let cluster = Cluster::builder()
+        .nodes(2)
+        .private_dir(REPLICATED)
+        .build()
+        .expect("build the cluster");
+    let node1 = MirrorNode::install(cluster.node(1), &cluster);
+    let node2 = MirrorNode::install(cluster.node(2), &cluster);
+    let _agent1 = node1.start_agent();
+    let _agent2 = node2.start_agent();
+    node1.safekit_ok(&format!("prim -m {MODULE}"));
+    node1.wait_state(ALONE);
+    node1.in_data("echo base > shared.txt && mkdir dir && echo inner > dir/inner.txt");
+    // As an operator would, check that node2 sees node1 primary before `second`.
+    node2.wait_peer("node1 ALONE");
+    node2.safekit_ok(&format!("second -m {MODULE}"));
+    node2.wait_state(SECOND);
+    node1.wait_state(PRIM);
+
+    // node1's cable is pulled: both run ALONE and both change the data.
+    cluster
+        .link_down(cluster.node(1), 0)
+        .expect("cut node1's link");
+    node2.wait_state(ALONE);
+    node1.wait_state(ALONE);
+    for node in [&node1, &node2] {
+        let name = node.node.name();
+        node.in_data(&format!(
+            "echo {name} > only-on-{name}.txt && echo {name} >> shared.txt"
+        ));
+    }
+
+    // Healed: one side stays primary, the other keeps its data aside and resyncs.
+    cluster
+        .link_up(cluster.node(1), 0)
+        .expect("plug node1 back");
+    wait_until(
+        "one PRIM and one SECOND after the split brain",
+        STATE_WAIT,
+        Duration::from_millis(50),
+        || {
+            let states = [node1.state(), node2.state()];
+            states == [PRIM, SECOND] || states == [SECOND, PRIM]
+        },
+    )
+    .unwrap_or_else(|error| panic!("{error}\n{}\n{}", node1.diagnostics(), node2.diagnostics()));
+    let (winner, loser) = if node1.state() == PRIM {
+        (&node1, &node2)
+    } else {
+        (&node2, &node1)
+    };
+    let (winner_name, loser_name) = (winner.node.name(), loser.node.name());
+    assert_same_tree("after the split brain", &winner.tree(), &loser.tree());
+    let listing = loser.tree();
+    assert!(
+        listing.contains(&format!("only-on-{winner_name}.txt"))
+            && !listing.contains(&format!("only-on-{loser_name}.txt")),
+        "the loser holds the winner's tree: {listing}"
+    );
+
+    // The log says where the loser's files went, and they are all there.
+    let log = loser.log_file();
+    let folder = log
+        .lines()
+        .find_map(|line| line.split_once("files changed here were moved to "))
+        .map(|(_, folder)| PathBuf::from(folder.trim()))
+        .unwrap_or_else(|| panic!("the loser's log says where its files are\n{log}"));
+    let kept = folder.join(format!(
+        "0-{}",
+        REPLICATED.rsplit('/').next().unwrap_or("data")
+    ));
+    let read = |name: &str| {
+        std::fs::read_to_string(kept.join(name))
+            .unwrap_or_else(|error| panic!("{}: {error}", kept.join(name).display()))
+    };
+    assert_eq!(
+        read(&format!("only-on-{loser_name}.txt")),
+        format!("{loser_name}\n")
+    );
+    assert_eq!(read("shared.txt"), format!("base\n{loser_name}\n"));
+    assert_eq!(read("dir/inner.txt"), "inner\n");
+}
+
+/// The number after `word ` in a line (`sent 1234`).
+fn number_after(line: &str, word: &str) -> Option<u64> {
+    let (_, rest) = line.split_once(&format!("{word} "))?;
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+#[test]
+fn a_reintegration_interrupted_by_a_killed_secondary_is_served_again_without_starting_over() {
+    assert!(
+        require_root(),
+        "this scenario needs root (namespaces, FUSE mounts)"
+    );
+    let cluster = Cluster::builder()
+        .nodes(2)
+        .private_dir(REPLICATED)
+        .build()
+        .expect("build the cluster");
+    let node1 = MirrorNode::install(cluster.node(1), &cluster);
+    let node2 = MirrorNode::install(cluster.node(2), &cluster);
+    let _agent1 = node1.start_agent();
+    let agent2 = node2.start_agent();
+    node1.safekit_ok(&format!("prim -m {MODULE}"));
+    node1.wait_state(ALONE);
+    const TOTAL: u64 = 8 * 1024 * 1024;
+    node1.in_data(&format!("head -c {TOTAL} /dev/urandom > big.bin && sync"));
+
+    // node2 joins; its agent is killed once about half the data was sent.
+    // As an operator would, check that node2 sees node1 primary before `second`.
+    node2.wait_peer("node1 ALONE");
+    node2.safekit_ok(&format!("second -m {MODULE}"));
+    node2.wait_state(SECOND);
+    let mut sent_before_kill = 0;
+    wait_until(
+        "half of the data sent",
+        STATE_WAIT,
+        Duration::from_millis(20),
+        || {
+            sent_before_kill = resync_line(&node1)
+                .and_then(|line| number_after(&line, "sent"))
+                .unwrap_or(0);
+            sent_before_kill >= TOTAL / 2
+        },
+    )
+    .unwrap_or_else(|error| panic!("{error}\n{}", node1.diagnostics()));
+    agent2.kill();
+
+    // The primary keeps running alone; node2 comes back and is served again.
+    let _agent2_again = node2.start_agent();
+    node2.safekit_ok(&format!("start -m {MODULE}"));
+    node2.wait_state(SECOND);
+    wait_until(
+        "node1 PRIM after the resumed reintegration",
+        STATE_WAIT,
+        Duration::from_millis(50),
+        || node1.state() == PRIM,
+    )
+    .unwrap_or_else(|error| panic!("{error}\n{}\n{}", node1.diagnostics(), node2.diagnostics()));
+    assert_same_tree(
+        "after the resumed reintegration",
+        &node1.tree(),
+        &node2.tree(),
+    );
+
+    let log = node1.log_file();
+    let served: Vec<u64> = log
+        .lines()
+        .filter(|line| line.contains("Reintegration of node2 served up to generation"))
+        .filter_map(|line| {
+            line.rsplit_once(" files, ")
+                .and_then(|(_, rest)| number_after(&format!("x {rest}"), "x"))
+        })
+        .collect();
+    assert_eq!(served.len(), 1, "one attempt completed\n{log}");
+    let total_sent = sent_before_kill + served[0];
+    eprintln!(
+        "resync bytes: {sent_before_kill} before the kill, {} after, {TOTAL} of data",
+        served[0]
+    );
+    assert!(
+        total_sent < 2 * TOTAL,
+        "the interrupted reintegration did not start over: {total_sent} bytes for {TOTAL}\n{log}"
+    );
+}
