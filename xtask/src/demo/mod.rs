@@ -9,8 +9,11 @@
 //! every acknowledged write survived. Everything is removed at the end (on
 //! Ctrl-C too), unless `--keep` holds the cluster until Enter or Ctrl-C.
 //!
-//! Replication (`<rfs>`) is behind `--replicate` until resynchronization is
-//! integrated: without it each node keeps its own records, and the demo says so.
+//! The records live in a replicated directory (`<rfs>`): node2 joins with a
+//! full resynchronization, node1 rejoins with an incremental one, and the
+//! demo checks that node2 serves every record node1 acknowledged before its
+//! power cut. `--no-replicate` shows the same runbook without `<rfs>` (each
+//! node keeps its own records), to compare.
 
 /// `println!` that ignores a closed stdout (`cargo xtask demo | head`): the
 /// demo must still tear its cluster down.
@@ -63,10 +66,10 @@ pub(crate) struct DemoArgs {
     /// Wait for Enter between steps.
     #[arg(long)]
     pause: bool,
-    /// Replicate the application's data (`<rfs>`) and check it on the new
-    /// primary after failover (needs resynchronization, being integrated).
+    /// Do not replicate the application's data (no `<rfs>`): each node keeps
+    /// its own records.
     #[arg(long)]
-    replicate: bool,
+    no_replicate: bool,
     /// Do not run `cargo build` first; use the binaries next to xtask's own.
     #[arg(long)]
     no_build: bool,
@@ -115,7 +118,7 @@ pub(crate) fn run(root: &Path, args: DemoArgs) -> anyhow::Result<()> {
         vip: cluster.spare_addr(0, 0),
         data_dir,
         port: PORT,
-        replicate: args.replicate,
+        replicate: !args.no_replicate,
     };
     let result = Demo::walk(&cluster, root, &bin_dir, &settings, &args, &mut input);
     match &result {
@@ -354,13 +357,11 @@ impl<'a> Demo<'a> {
         );
         if self.settings.replicate {
             out!(
-                "  replication: <rfs> replicates {} (--replicate)",
+                "  replication: <rfs> replicates {} synchronously to the SECOND",
                 self.settings.data_dir.display()
             );
         } else {
-            out!(
-                "  replication: not yet part of the demo by default: each node keeps its own records (--replicate turns <rfs> on)"
-            );
+            out!("  replication: off (--no-replicate): each node keeps its own records");
         }
     }
 
@@ -560,7 +561,7 @@ impl<'a> Demo<'a> {
         );
         if !self.settings.replicate {
             out!(
-                "  replication: not yet part of the demo: node1's records are not on node2 and vice versa (--replicate adds <rfs>)"
+                "  replication: off (--no-replicate): node1's records are not on node2 and vice versa"
             );
         }
         if !survived {
@@ -579,9 +580,8 @@ impl<'a> Demo<'a> {
         if self.node2().state() != SECOND {
             self.states();
             bail!(
-                "--replicate: node2 cannot join as SECOND: resynchronization is not integrated in the agent yet \
-                 (node2 waits: \"resynchronization is not available yet\" in its module log); \
-                 run the demo without --replicate until it is"
+                "node2 cannot join as SECOND: its resynchronization did not complete \
+                 (see the states above and node2's module log; --no-replicate runs the demo without <rfs>)"
             );
         }
         let resync = if !self.settings.replicate {
@@ -654,7 +654,7 @@ impl<'a> Demo<'a> {
             Ok(())
         } else {
             bail!(
-                "--replicate: {} of the {} records node1 acknowledged are missing on node2 after failover: {:?}",
+                "{} of the {} records node1 acknowledged are missing on node2 after failover: {:?}",
                 missing.len(),
                 acked.len(),
                 &missing[..missing.len().min(20)]

@@ -38,7 +38,7 @@ impl ModuleSettings {
                 self.data_dir.display()
             )
         } else {
-            "<!-- no <rfs>: the data is not replicated (cargo xtask demo --replicate adds it) -->"
+            "<!-- no <rfs>: the data is not replicated (cargo xtask demo --no-replicate) -->"
                 .to_owned()
         };
         let filled = template
