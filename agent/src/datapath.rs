@@ -246,15 +246,24 @@ pub fn diverged_stamp(time: std::time::SystemTime) -> String {
 ///   engine), replicating through a [`Sender`] to the peer's replication port
 ///   (role `Replicating`), or recording every touched file in the dirty log
 ///   `SAFEVAR/modules/<AM>/dirty` (role `Alone`). The underlying directories
-///   are opened before mounting, for the resync engine to read beneath the mount;
+///   are opened before mounting, for the resync engine to read beneath the mount.
+///   Every mount shares the module's activity log `SAFEVAR/modules/<AM>/activity`
+///   (files with writes possibly in flight, recorded before they are shipped;
+///   the first mount checkpoints it);
 /// - serving a reintegration ([`DataPath::serve_resync`]): a
 ///   [`ResyncEngine`] on its own thread, `nbrei` workers, `reiallowedbw`
 ///   bandwidth, cursor `SAFEVAR/modules/<AM>/resync.cursor`, incremental from the
-///   dirty log (plus the files of `SAFEVAR/modules/<AM>/activity` when that
-///   activity log exists), or full; it waits for the sender's connection first;
+///   dirty log plus the files of this node's activity log and of the peer's
+///   (the engine asks the receiver), or full; it waits for the sender's
+///   connection first. Once served, the files this node's activity log kept
+///   pinned since a crash may leave it;
 /// - secondary: no mount; a [`Receiver`] on this node's replication port
 ///   applies the primary's stream beneath the directories and answers the
-///   engine's questions; [`DataPath::start_resync`] only checks it listens;
+///   engine's questions, including which files this node's activity log held
+///   when the receiver started (after a crash as primary, the files it may
+///   have changed without shipping the change); it clears that log when the
+///   engine says its resync completed. [`DataPath::start_resync`] only checks
+///   it listens;
 /// - off: nothing mounted, nothing listening, no engine.
 ///
 /// Setting diverged files aside moves the whole current content of each
@@ -274,10 +283,10 @@ pub mod linux {
     use std::time::{Duration, Instant};
 
     use safekit_core::cluster::{GenerationId, ReplicationRole, ResyncKind};
-    use safekit_linux_helper::activity::ActivityLog;
+    use safekit_linux_helper::activity::{ActivityLog, StreamPosition};
     use safekit_linux_helper::dirty::DirtyLog;
     use safekit_linux_helper::fs::{FsOptions, SyncMode};
-    use safekit_linux_helper::mount::{self, MountedDir};
+    use safekit_linux_helper::mount::{self, CHECKPOINT_INTERVAL, MountConfig, MountedDir};
     use safekit_linux_helper::replicator::Replicator;
     use safekit_linux_helper::resync::{
         FileLocks, ResyncConfig, ResyncEngine, ResyncHandle, ResyncKind as EngineKind,
@@ -291,6 +300,9 @@ pub mod linux {
 
     /// How long a serve waits for the replication connection before failing.
     const CONNECT_PATIENCE: Duration = Duration::from_secs(30);
+
+    /// Files the activity log keeps hot before it evicts settled ones.
+    const ACTIVITY_FILES: usize = 1024;
 
     /// What the Linux data path of one module needs.
     #[derive(Debug, Clone)]
@@ -340,6 +352,8 @@ pub mod linux {
         /// The underlying directories beneath `mounts`, opened before mounting (for the engine).
         sources: Vec<OwnedFd>,
         locks: Arc<FileLocks>,
+        /// The activity log shared by `mounts` (open while they are).
+        activity: Option<Arc<ActivityLog>>,
         receiver: Option<Receiver>,
         serving: Option<ServeJob>,
     }
@@ -372,6 +386,7 @@ pub mod linux {
                 mounts: Vec::new(),
                 sources: Vec::new(),
                 locks: Arc::new(FileLocks::new()),
+                activity: None,
                 receiver: None,
                 serving: None,
             }
@@ -408,6 +423,36 @@ pub mod linux {
                     tracing::error!(path = %path.display(), %error, "unmount failed");
                 }
             }
+            self.activity = None;
+        }
+
+        /// Opens this node's activity log for the mounts (files it held are
+        /// kept pinned until a served reintegration covered them).
+        fn open_activity(
+            &mut self,
+            role: ReplicationRole,
+            sender: &Arc<Sender>,
+        ) -> Result<Arc<ActivityLog>, DataPathError> {
+            if let Some(log) = &self.activity {
+                return Ok(Arc::clone(log));
+            }
+            let path = self.beside_dirty_log("activity");
+            let position: Arc<dyn StreamPosition> = sender.clone();
+            let log =
+                ActivityLog::open(&path, ACTIVITY_FILES, Some(position)).map_err(|error| {
+                    Self::role_error(role, format!("activity log {}: {error}", path.display()))
+                })?;
+            let recovered = log.hot_files().len();
+            if recovered > 0 {
+                tracing::warn!(
+                    recovered,
+                    path = %path.display(),
+                    "the activity log holds files from before a crash; the next reintegration compares them"
+                );
+            }
+            let log = Arc::new(log);
+            self.activity = Some(Arc::clone(&log));
+            Ok(log)
         }
 
         fn ensure_sender(&mut self, role: ReplicationRole) -> Result<Arc<Sender>, DataPathError> {
@@ -475,6 +520,7 @@ pub mod linux {
             });
             if self.mounts.is_empty() {
                 self.sources.clear();
+                let activity = self.open_activity(role, &sender)?;
                 for (index, dir) in self.config.dirs.iter().enumerate() {
                     let options = FsOptions {
                         dir_index: u16::try_from(index).map_err(|_| {
@@ -488,11 +534,16 @@ pub mod linux {
                     let source =
                         mount::recover_stale_mount(dir).and_then(|_| mount::open_underlying(dir));
                     let mounted = source.and_then(|source| {
-                        mount::mount_over_with_locks(
+                        mount::mount_over_with(
                             dir,
                             replicator,
-                            options,
-                            Arc::clone(&self.locks),
+                            MountConfig {
+                                fs: options,
+                                locks: Some(Arc::clone(&self.locks)),
+                                activity_log: Some(Arc::clone(&activity)),
+                                // One checkpoint thread for the module's log: the first mount's.
+                                checkpoint_interval: (index == 0).then_some(CHECKPOINT_INTERVAL),
+                            },
                         )
                         .map(|mounted| (source, mounted))
                     });
@@ -525,12 +576,29 @@ pub mod linux {
                     mount::open_underlying(dir).map_err(|error| Self::role_error(role, error))?,
                 );
             }
-            let receiver = Receiver::bind_serving_resync(
-                self.config.local,
-                self.config.secret.clone(),
-                self.config.module.clone(),
-                dirs,
-            )
+            let activity = self.beside_dirty_log("activity");
+            let receiver = match ActivityLog::load(&activity) {
+                Ok(_) => Receiver::bind_serving_resync_with_activity(
+                    self.config.local,
+                    self.config.secret.clone(),
+                    self.config.module.clone(),
+                    dirs,
+                    &activity,
+                ),
+                Err(error) => {
+                    tracing::error!(
+                        path = %activity.display(),
+                        %error,
+                        "activity log unreadable: files this node changed without shipping them before a crash will not be compared"
+                    );
+                    Receiver::bind_serving_resync(
+                        self.config.local,
+                        self.config.secret.clone(),
+                        self.config.module.clone(),
+                        dirs,
+                    )
+                }
+            }
             .map_err(|error| {
                 Self::role_error(role, format!("listen on {}: {error}", self.config.local))
             })?;
@@ -544,6 +612,11 @@ pub mod linux {
             match kind {
                 ResyncKind::Full => EngineKind::Full,
                 ResyncKind::Incremental { .. } => {
+                    if let Some(log) = &self.activity {
+                        return EngineKind::Incremental {
+                            extra: log.hot_files(),
+                        };
+                    }
                     let activity = self.beside_dirty_log("activity");
                     let extra = match ActivityLog::load(&activity) {
                         Ok(extra) => extra,
@@ -680,6 +753,7 @@ pub mod linux {
             let cancelled = Arc::new(AtomicBool::new(false));
             let events = self.events.clone();
             let stop = Arc::clone(&cancelled);
+            let activity = self.activity.clone();
             std::thread::Builder::new()
                 .name(format!("resync-{}", self.config.module))
                 .spawn(move || {
@@ -687,6 +761,10 @@ pub mod linux {
                     let progress = engine.handle().progress();
                     let event = match outcome {
                         Ok(ResyncOutcome::Completed { stats }) => {
+                            // The files pinned since a crash were compared: they may go cold.
+                            if let Some(log) = &activity {
+                                log.unpin_recovered();
+                            }
                             tracing::info!(
                                 attempt,
                                 ?stats,
@@ -794,6 +872,15 @@ pub mod linux {
                 details.push((
                     "resync engine".into(),
                     format!("attempt {:016x}: {:?}", job.attempt, progress.stats),
+                ));
+            }
+            if let Some(log) = &self.activity {
+                details.push((
+                    "activity log".into(),
+                    format!(
+                        "{} files with writes possibly in flight",
+                        log.hot_files().len()
+                    ),
                 ));
             }
             for mounted in &self.mounts {

@@ -23,7 +23,10 @@
 //!
 //! After a crash of either node, [`ActivityLog::load`] returns the hot set:
 //! the only files (besides the dirty log's) that may differ between the
-//! nodes, which the incremental resync then compares. A reopened log keeps
+//! nodes, which the incremental resync then compares (when the crashed node
+//! comes back as the replica, its receiver reports them to the primary's
+//! engine, see [`crate::resync::serve::ReceiverActivity`], and clears the log
+//! with [`ActivityLog::clear`] once that resync completed). A reopened log keeps
 //! the files it loaded *pinned* (they never leave the set) until
 //! [`ActivityLog::unpin_recovered`] is called once a resync covered them, so a
 //! second crash before that resync loses nothing.
@@ -159,6 +162,20 @@ impl ActivityLog {
             return Ok(Vec::new());
         };
         Ok(replay(&records))
+    }
+
+    /// Forgets every file of the log at `path` (durably; nothing to do when
+    /// there is no log): called on a node that was resynchronized as a
+    /// replica, whose files the resync made equal to the primary's. Must not
+    /// be called while an [`ActivityLog`] is open on `path`.
+    ///
+    /// # Errors
+    /// The file cannot be rewritten.
+    pub fn clear(path: &Path) -> io::Result<()> {
+        if !path.exists() {
+            return Ok(());
+        }
+        records::rewrite::<Record>(path, MAGIC, &[]).map(drop)
     }
 
     /// Opens (or creates) the log; files found hot are kept pinned until

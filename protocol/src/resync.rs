@@ -122,6 +122,14 @@ pub enum RequestBody {
         /// Also make everything durable.
         durable: bool,
     },
+    /// The files the receiving node's activity log held when its receiver
+    /// started: those it may have changed, as primary, without shipping the
+    /// change before it crashed. An incremental resync compares them too.
+    ActivityFiles,
+    /// The resync completed (after its final durable barrier): the receiving
+    /// node may forget the files its activity log held, they now equal the
+    /// primary's.
+    ForgetActivity,
 }
 
 /// A question with its identifier (the reply carries the same).
@@ -155,6 +163,10 @@ pub enum ReplyBody {
     },
     /// Answer to `Barrier`.
     Barrier,
+    /// Answer to `ActivityFiles`: `(replicated directory, path)` of each file.
+    ActivityFiles(Vec<(u16, RelPath)>),
+    /// Answer to `ForgetActivity`: the activity log is cleared.
+    ActivityForgotten,
     /// The receiver could not answer (`errno`), e.g. the directory is missing.
     Failed {
         /// The errno.
@@ -203,24 +215,34 @@ impl ResyncRequest {
                 }
                 Ok(())
             }
-            RequestBody::Barrier { .. } => Ok(()),
+            RequestBody::Barrier { .. }
+            | RequestBody::ActivityFiles
+            | RequestBody::ForgetActivity => Ok(()),
         }
     }
 }
 
 impl ResyncReply {
-    /// Re-validates the names of a listing (a receiver must not make the engine
-    /// build an escaping path).
+    /// Re-validates the names of a listing and the paths of activity files (a
+    /// receiver must not make the engine build an escaping path).
     ///
     /// # Errors
     /// Why the first invalid name is refused.
     pub fn validate(&self) -> Result<(), RequestError> {
-        if let ReplyBody::ListDir { entries, .. } = &self.body {
-            for entry in entries {
-                RelPath::root()
-                    .join(&entry.name)
-                    .map_err(RequestError::Path)?;
+        match &self.body {
+            ReplyBody::ListDir { entries, .. } => {
+                for entry in entries {
+                    RelPath::root()
+                        .join(&entry.name)
+                        .map_err(RequestError::Path)?;
+                }
             }
+            ReplyBody::ActivityFiles(files) => {
+                for (_, path) in files {
+                    path.validate().map_err(RequestError::Path)?;
+                }
+            }
+            _ => {}
         }
         Ok(())
     }

@@ -556,3 +556,137 @@ fn a_reintegration_interrupted_by_a_killed_secondary_is_served_again_without_sta
         "the interrupted reintegration did not start over: {total_sent} bytes for {TOTAL}\n{log}"
     );
 }
+
+/// The files count of the last "Reintegration of `peer` served up to generation" line of a log.
+fn last_served_files(log: &str, peer: &str) -> Option<u64> {
+    let served = format!("Reintegration of {peer} served up to generation");
+    log.lines()
+        .rev()
+        .filter(|line| line.contains(&served))
+        .find_map(|line| {
+            line.rsplit_once(": ")
+                .and_then(|(_, rest)| number_after(&format!("x {rest}"), "x"))
+        })
+}
+
+/// node1, primary, crashes while a writer keeps appending to and rewriting
+/// files through its mount. The crash can catch a write applied on node1's
+/// disk that never reached node2 (it was not acknowledged, so it is not in
+/// node2's tree nor in node2's dirty log): only node1's activity log, written
+/// before the write was shipped, knows that file. To make that divergence
+/// certain rather than a matter of when the crash lands, the test adds, on
+/// node1's disk after the crash, one such unshipped write to two of the files
+/// the writer was writing (files it writes continuously, hence hot in the
+/// activity log). node1 comes back: the incremental reintegration served by
+/// node2 compares node1's activity files too, and the trees end identical
+/// while the reintegration examined a handful of files, not the 300 others.
+#[test]
+fn a_primary_crashed_mid_write_is_resynced_from_its_activity_log_files_only() {
+    assert!(
+        require_root(),
+        "this scenario needs root (namespaces, FUSE mounts)"
+    );
+    const UNTOUCHED: u64 = 300;
+    let cluster = Cluster::builder()
+        .nodes(2)
+        .private_dir(REPLICATED)
+        .build()
+        .expect("build the cluster");
+    let node1 = MirrorNode::install(cluster.node(1), &cluster);
+    let node2 = MirrorNode::install(cluster.node(2), &cluster);
+    let _agent1 = node1.start_agent();
+    let _agent2 = node2.start_agent();
+    node1.safekit_ok(&format!("prim -m {MODULE}"));
+    node1.wait_state(ALONE);
+    node1.in_data(&format!(
+        "mkdir bulk hot && for i in $(seq 1 {UNTOUCHED}); do echo \"untouched $i\" > bulk/f$i; done && sync"
+    ));
+    node2.wait_peer("node1 ALONE");
+    node2.safekit_ok(&format!("second -m {MODULE}"));
+    node2.wait_state(SECOND);
+    wait_until(
+        "node1 PRIM after the first reintegration",
+        STATE_WAIT,
+        Duration::from_millis(50),
+        || node1.state() == PRIM,
+    )
+    .unwrap_or_else(|error| panic!("{error}\n{}\n{}", node1.diagnostics(), node2.diagnostics()));
+    let full_files = last_served_files(&node1.log_file(), "node2");
+    assert!(
+        full_files.is_some_and(|files| files >= UNTOUCHED),
+        "the first (full) reintegration counts the whole tree: {full_files:?}\n{}",
+        node1.diagnostics()
+    );
+
+    // A writer appends to one file and rewrites three others, as fast as it can, through the mount.
+    let _writer = cluster
+        .node(1)
+        .spawn(format!(
+            "cd {REPLICATED} && i=0; while :; do i=$((i+1)); printf '%s\\n' \"$i\" >> hot/appended; \
+             for k in 1 2 3; do printf 'iteration %s of w%s\\n' \"$i\" \"$k\" > hot/w$k; done; done"
+        ))
+        .expect("start the writer");
+    wait_until(
+        "the writer's appends replicated to node2",
+        STATE_WAIT,
+        Duration::from_millis(50),
+        || {
+            node2
+                .node
+                .run(format!("wc -l < {REPLICATED}/hot/appended"))
+                .ok()
+                .and_then(|output| output.stdout.trim().parse::<u64>().ok())
+                .is_some_and(|lines| lines >= 100)
+        },
+    )
+    .unwrap_or_else(|error| panic!("{error}\n{}\n{}", node1.diagnostics(), node2.diagnostics()));
+
+    // Power cut of node1 mid-write: node2 takes over with what it acknowledged.
+    cluster.node(1).crash().expect("crash node1");
+    node2.wait_state(ALONE);
+    let survivor = node2.tree();
+
+    // node1 reboots; its disk holds writes node2 never received.
+    cluster.node(1).reboot().expect("reboot node1");
+    node1.in_data("printf 'applied, never shipped\\n' >> hot/appended && printf 'rewritten, never shipped\\n' > hot/w2");
+    assert_ne!(
+        node1.tree(),
+        survivor,
+        "node1's tree differs from node2's before the reintegration"
+    );
+    let _agent1_again = node1.start_agent();
+    node1.safekit_ok(&format!("start -m {MODULE}"));
+    node1.wait_state(SECOND);
+    wait_until(
+        "node2 PRIM after node1's reintegration",
+        STATE_WAIT,
+        Duration::from_millis(50),
+        || node2.state() == PRIM,
+    )
+    .unwrap_or_else(|error| panic!("{error}\n{}\n{}", node1.diagnostics(), node2.diagnostics()));
+    assert_eq!(node1.state(), SECOND, "{}", node1.diagnostics());
+    assert_same_tree(
+        "after the reintegration of the crashed primary",
+        &survivor,
+        &node1.tree(),
+    );
+    assert_same_tree(
+        "node2 unchanged by the reintegration",
+        &survivor,
+        &node2.tree(),
+    );
+
+    // An incremental run over a handful of files, not the tree.
+    let log = node2.log_file();
+    assert!(
+        log.contains("Reintegration of node1 served from this node (incremental"),
+        "{}",
+        node2.diagnostics()
+    );
+    let files = last_served_files(&log, "node1");
+    eprintln!("reintegration after the crash: {files:?} files examined, full one {full_files:?}");
+    assert!(
+        files.is_some_and(|files| (2..=10).contains(&files)),
+        "the incremental reintegration examined the activity log's files only: {files:?} files\n{log}"
+    );
+}

@@ -42,7 +42,11 @@
 //! # Incremental and full
 //!
 //! - Incremental ([`ResyncKind::Incremental`]): only the dirty log's files plus
-//!   given extra files (the activity log's after a crash). A recorded path that
+//!   given extra files (this node's activity log's after a crash) plus the
+//!   files of the *receiving* node's activity log, asked first
+//!   (`ActivityFiles`): when the replica crashed as primary, those are the
+//!   files it may have changed without shipping the change, which no log of
+//!   this node knows. A recorded path that
 //!   no longer exists on the primary is removed from the replica (a directory
 //!   with its contents); a recorded directory is compared as a subtree (a
 //!   renamed directory lands there); a recorded file is compared block by block.
@@ -74,8 +78,10 @@
 //! (operations the peer failed to apply, e.g. a live create in a directory
 //! the resync had not created yet) and names collected by the lock table; at
 //! most [`MAX_EXTRA_PASSES`] such passes, then it fails rather than loop. On completion it clears the dirty
-//! log (when [`ResyncConfig::clear_dirty_log`]) and removes the cursor. Any
-//! error leaves both, and the replica must not be considered up to date.
+//! log (when [`ResyncConfig::clear_dirty_log`]), removes the cursor and tells
+//! the receiver (`ForgetActivity`, best effort) that it may clear its activity
+//! log. Any error leaves all three, and the replica must not be considered up
+//! to date.
 //!
 //! Known limits: hard links are copied as separate files; sparse files become
 //! dense on the replica; extended attributes are not compared; the dirty
@@ -611,6 +617,7 @@ impl ResyncEngine {
             .collect();
         if let ResyncKind::Incremental { extra } = &kind {
             paths.extend(extra.iter().cloned());
+            paths.extend(self.peer_activity_files()?);
         }
         self.locks.start_collecting((!full).then(|| paths.clone()));
         struct StopCollecting<'a>(&'a FileLocks);
@@ -654,6 +661,7 @@ impl ResyncEngine {
                         .finish()
                         .map_err(io_error("remove the resync cursor"))?;
                 }
+                self.forget_peer_activity();
                 let stats = self.counters.stats();
                 tracing::info!(?stats, "resync completed");
                 Ok(ResyncOutcome::Completed { stats })
@@ -662,6 +670,65 @@ impl ResyncEngine {
                 tracing::warn!(%error, "resync did not complete");
                 Err(error)
             }
+        }
+    }
+
+    /// The files of the receiving node's activity log: those it may have
+    /// changed as primary without shipping the change before it crashed.
+    fn peer_activity_files(&self) -> Result<Vec<(u16, RelPath)>, ResyncError> {
+        let ticket = self.sender.send_request(RequestBody::ActivityFiles)?;
+        match self
+            .sender
+            .wait_reply(ticket, self.config.request_timeout)?
+        {
+            ReplyBody::ActivityFiles(files) => {
+                let files: Vec<(u16, RelPath)> = files
+                    .into_iter()
+                    .filter(|(dir, path)| {
+                        usize::from(*dir) < self.source.len() && path.validate().is_ok()
+                    })
+                    .collect();
+                if !files.is_empty() {
+                    tracing::info!(
+                        files = files.len(),
+                        "the replica's activity log lists files possibly changed there: comparing them too"
+                    );
+                }
+                Ok(files)
+            }
+            // A receiver that does not answer resync questions fails at the next one.
+            ReplyBody::Failed { errno } if errno == libc::ENOTSUP => Ok(Vec::new()),
+            ReplyBody::Failed { errno } => Err(ResyncError::Remote {
+                path: String::new(),
+                errno,
+            }),
+            _ => Err(ResyncError::Protocol),
+        }
+    }
+
+    /// Tells the receiving node that the resync completed, so that it clears its
+    /// activity log. Best effort: if this is lost, the next resync compares
+    /// those files again.
+    fn forget_peer_activity(&self) {
+        let reply = self
+            .sender
+            .send_request(RequestBody::ForgetActivity)
+            .map_err(ResyncError::from)
+            .and_then(|ticket| {
+                self.sender
+                    .wait_reply(ticket, self.config.request_timeout)
+                    .map_err(ResyncError::from)
+            });
+        match reply {
+            Ok(ReplyBody::ActivityForgotten) => {}
+            Ok(other) => tracing::warn!(
+                ?other,
+                "the replica did not clear its activity log; the next resync compares its files again"
+            ),
+            Err(error) => tracing::warn!(
+                %error,
+                "the replica did not clear its activity log; the next resync compares its files again"
+            ),
         }
     }
 

@@ -7,9 +7,17 @@
 //! replica. Checksum requests are bounded by the protocol (at most
 //! [`MAX_BLOCKS_PER_REQUEST`] blocks), so one answer holds up live operations
 //! for at most the time to read and hash that much.
+//!
+//! The receiving node's own activity log ([`ReceiverActivity`]) is the other
+//! thing a request can ask about: when this node crashed as primary, the files
+//! it held are the ones it may have changed without shipping the change, so
+//! the primary's incremental resync compares them too (`ActivityFiles`), and
+//! once the resync completed the node forgets them (`ForgetActivity`).
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
 
 use rustix::fs::{Mode, OFlags};
 use safekit_protocol::resync::{
@@ -17,11 +25,79 @@ use safekit_protocol::resync::{
     ResyncRequest,
 };
 
-use super::tree;
+use safekit_protocol::replication::RelPath;
 
-/// Answers one request about the replica beneath `dirs` (index = replicated directory).
+use super::tree;
+use crate::activity::ActivityLog;
+
+/// The receiving node's activity log, loaded when its receiver started (this
+/// node is not primary, so nothing else writes it meanwhile).
+#[derive(Debug)]
+pub struct ReceiverActivity {
+    path: PathBuf,
+    files: Mutex<Vec<(u16, RelPath)>>,
+}
+
+impl ReceiverActivity {
+    /// The files the activity log at `path` holds (none when it does not exist).
+    ///
+    /// # Errors
+    /// The file cannot be read or is not an activity log.
+    pub fn load(path: &Path) -> io::Result<Self> {
+        let files = ActivityLog::load(path)?;
+        if !files.is_empty() {
+            tracing::info!(
+                path = %path.display(),
+                files = files.len(),
+                "activity log of this node's time as primary: its files will be compared by the next resync"
+            );
+        }
+        Ok(ReceiverActivity {
+            path: path.to_path_buf(),
+            files: Mutex::new(files),
+        })
+    }
+
+    /// The files still to compare.
+    pub fn files(&self) -> Vec<(u16, RelPath)> {
+        self.files
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// A resync covered the files: clears the log durably.
+    ///
+    /// # Errors
+    /// The log cannot be rewritten (the files stay listed).
+    pub fn forget(&self) -> io::Result<()> {
+        let mut files = self.files.lock().unwrap_or_else(PoisonError::into_inner);
+        ActivityLog::clear(&self.path)?;
+        if !files.is_empty() {
+            tracing::info!(
+                path = %self.path.display(),
+                files = files.len(),
+                "resync completed: activity log cleared"
+            );
+        }
+        files.clear();
+        Ok(())
+    }
+}
+
+/// Answers one request about the replica beneath `dirs` (index = replicated
+/// directory), without an activity log (it reports no files).
 pub fn answer(dirs: &[OwnedFd], request: &ResyncRequest) -> ResyncReply {
-    let body = match body(dirs, &request.body) {
+    answer_with_activity(dirs, None, request)
+}
+
+/// Like [`answer`], also answering about this node's activity log.
+pub fn answer_with_activity(
+    dirs: &[OwnedFd],
+    activity: Option<&ReceiverActivity>,
+    request: &ResyncRequest,
+) -> ResyncReply {
+    let body = match body(dirs, activity, &request.body) {
         Ok(body) => body,
         Err(error) => {
             tracing::debug!(%error, "cannot answer a resync request");
@@ -42,8 +118,21 @@ fn root(dirs: &[OwnedFd], dir: u16) -> io::Result<std::os::fd::BorrowedFd<'_>> {
         .ok_or_else(|| io::Error::from_raw_os_error(libc::EBADF))
 }
 
-fn body(dirs: &[OwnedFd], request: &RequestBody) -> io::Result<ReplyBody> {
+fn body(
+    dirs: &[OwnedFd],
+    activity: Option<&ReceiverActivity>,
+    request: &RequestBody,
+) -> io::Result<ReplyBody> {
     match request {
+        RequestBody::ActivityFiles => Ok(ReplyBody::ActivityFiles(
+            activity.map(ReceiverActivity::files).unwrap_or_default(),
+        )),
+        RequestBody::ForgetActivity => {
+            if let Some(activity) = activity {
+                activity.forget()?;
+            }
+            Ok(ReplyBody::ActivityForgotten)
+        }
         RequestBody::Stat { dir, path } => Ok(ReplyBody::Stat(
             tree::lstat(root(dirs, *dir)?, path)?.map(|(_, meta)| meta),
         )),
@@ -133,6 +222,61 @@ mod tests {
 
     fn ask(dirs: &[OwnedFd], body: RequestBody) -> ReplyBody {
         answer(dirs, &ResyncRequest { id: 7, body }).body
+    }
+
+    #[test]
+    fn the_activity_log_files_are_reported_until_the_primary_says_the_resync_completed() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = tmp.path().join("activity");
+        let file = RelPath::parse(b"docs/in-flight").expect("valid");
+        {
+            // This node, primary, was writing the file when it crashed.
+            let log = ActivityLog::open(&path, 16, None).expect("open");
+            drop(log.note_write(0, &file).expect("recorded"));
+        }
+        let dirs = vec![
+            rustix::fs::open(
+                tmp.path(),
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .expect("open"),
+        ];
+        let activity = ReceiverActivity::load(&path).expect("load");
+        let ask = |body| {
+            answer_with_activity(&dirs, Some(&activity), &ResyncRequest { id: 1, body }).body
+        };
+        assert_eq!(
+            ask(RequestBody::ActivityFiles),
+            ReplyBody::ActivityFiles(vec![(0, file.clone())])
+        );
+        // Until told, the files stay listed (an interrupted resync asks again).
+        assert_eq!(
+            ask(RequestBody::ActivityFiles),
+            ReplyBody::ActivityFiles(vec![(0, file)])
+        );
+        assert_eq!(
+            ask(RequestBody::ForgetActivity),
+            ReplyBody::ActivityForgotten
+        );
+        assert_eq!(
+            ask(RequestBody::ActivityFiles),
+            ReplyBody::ActivityFiles(Vec::new())
+        );
+        // Durably: the next start of this node finds nothing to compare.
+        assert_eq!(ActivityLog::load(&path).expect("load"), Vec::new());
+        // A receiver without an activity log knows of no file.
+        assert_eq!(
+            answer(
+                &dirs,
+                &ResyncRequest {
+                    id: 2,
+                    body: RequestBody::ActivityFiles
+                }
+            )
+            .body,
+            ReplyBody::ActivityFiles(Vec::new())
+        );
     }
 
     #[test]

@@ -13,11 +13,15 @@
 //! stream and are answered in order, after every operation before them was
 //! applied, by [`crate::resync::serve`]. A receiver made with
 //! [`Receiver::bind_serving_resync`] answers them; one made with
-//! [`Receiver::bind`] answers `Failed { errno: ENOTSUP }`.
+//! [`Receiver::bind`] answers `Failed { errno: ENOTSUP }`. One made with
+//! [`Receiver::bind_serving_resync_with_activity`] also reports the files of
+//! this node's activity log (loaded at bind time) and clears it once told the
+//! resync completed.
 
 use std::io::{self, BufWriter, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::OwnedFd;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -30,6 +34,7 @@ use safekit_protocol::resync::{ReplyBody, ResyncReply};
 
 use super::{TransportError, kind_name, random_nonce, receive, send};
 use crate::apply::ReplicaRoot;
+use crate::resync::serve::ReceiverActivity;
 
 /// How long a client may take to authenticate.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -68,6 +73,8 @@ struct Shared {
     root: Mutex<ReplicaRoot>,
     /// Descriptors of the replicated directories for answering resync requests.
     resync_dirs: Option<Vec<OwnedFd>>,
+    /// This node's activity log, for resync requests.
+    activity: Option<ReceiverActivity>,
     stopping: AtomicBool,
     current: Mutex<Option<TcpStream>>,
     handshakes: AtomicUsize,
@@ -95,7 +102,7 @@ impl Receiver {
         module_name: impl Into<String>,
         root: ReplicaRoot,
     ) -> io::Result<Receiver> {
-        Self::bind_inner(addr, secret.into(), module_name.into(), root, None)
+        Self::bind_inner(addr, secret.into(), module_name.into(), root, None, None)
     }
 
     /// Like [`Receiver::bind`], and also answers resync requests: `dirs` are the
@@ -121,6 +128,37 @@ impl Receiver {
             module_name.into(),
             ReplicaRoot::new(dirs),
             Some(readers),
+            None,
+        )
+    }
+
+    /// Like [`Receiver::bind_serving_resync`], and also reports the files of
+    /// this node's activity log at `activity_log` (read now: the files it may
+    /// have changed without shipping them when it last was primary), and
+    /// clears that log once the primary says its resync completed.
+    ///
+    /// # Errors
+    /// The activity log cannot be read, a descriptor could not be duplicated
+    /// or the socket could not be bound.
+    pub fn bind_serving_resync_with_activity(
+        addr: impl ToSocketAddrs,
+        secret: impl Into<Vec<u8>>,
+        module_name: impl Into<String>,
+        dirs: Vec<OwnedFd>,
+        activity_log: &Path,
+    ) -> io::Result<Receiver> {
+        let activity = ReceiverActivity::load(activity_log)?;
+        let readers = dirs
+            .iter()
+            .map(OwnedFd::try_clone)
+            .collect::<io::Result<Vec<_>>>()?;
+        Self::bind_inner(
+            addr,
+            secret.into(),
+            module_name.into(),
+            ReplicaRoot::new(dirs),
+            Some(readers),
+            Some(activity),
         )
     }
 
@@ -130,6 +168,7 @@ impl Receiver {
         module: String,
         root: ReplicaRoot,
         resync_dirs: Option<Vec<OwnedFd>>,
+        activity: Option<ReceiverActivity>,
     ) -> io::Result<Receiver> {
         let listener = Arc::new(TcpListener::bind(addr)?);
         let local_addr = listener.local_addr()?;
@@ -138,6 +177,7 @@ impl Receiver {
             module,
             root: Mutex::new(root),
             resync_dirs,
+            activity,
             stopping: AtomicBool::new(false),
             current: Mutex::new(None),
             handshakes: AtomicUsize::new(0),
@@ -456,7 +496,11 @@ fn session(
                     // Everything before the request is applied: acknowledge it, then answer.
                     flush_ack(&mut writer, last_applied, &mut last_acked)?;
                     let reply = match &shared.resync_dirs {
-                        Some(dirs) => crate::resync::serve::answer(dirs, &request),
+                        Some(dirs) => crate::resync::serve::answer_with_activity(
+                            dirs,
+                            shared.activity.as_ref(),
+                            &request,
+                        ),
                         None => ResyncReply {
                             id: request.id,
                             body: ReplyBody::Failed {
