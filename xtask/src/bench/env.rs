@@ -531,10 +531,12 @@ pub(crate) struct Machine {
     pub(crate) date: String,
     pub(crate) fio: String,
     pub(crate) commit: String,
+    /// The helper that was measured, and when it was built.
+    pub(crate) rfs: String,
 }
 
 impl Machine {
-    pub(crate) fn probe(root: &Path) -> Machine {
+    pub(crate) fn probe(root: &Path, rfs: &Path) -> Machine {
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
         let cpu_model = cpuinfo
             .lines()
@@ -578,6 +580,16 @@ impl Machine {
             fio: sh("fio", &["--version"])
                 .map(|v| v.trim().to_owned())
                 .unwrap_or_default(),
+            rfs: format!(
+                "{} (built {})",
+                rfs.display(),
+                sh(
+                    "date",
+                    &["-u", "-r", &rfs.to_string_lossy(), "+%Y-%m-%d %H:%M UTC"]
+                )
+                .map(|d| d.trim().to_owned())
+                .unwrap_or_else(|_| "?".to_owned())
+            ),
             commit: if dirty {
                 format!("{commit} + uncommitted changes in driver-linux-helper")
             } else {

@@ -67,12 +67,14 @@ impl Sizes {
 }
 
 /// What one job measured.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct Measured {
     /// The job's figure: MB/s (seq), IOPS (random writes), files/s.
     pub(crate) value: f64,
     /// p50 of fsync latency in µs (write+fsync job).
     pub(crate) fsync_p50_us: Option<f64>,
+    /// The job stopped on an error after measuring `value` over what it did.
+    pub(crate) failed: Option<String>,
 }
 
 /// Runs `job` in `dir`.
@@ -146,6 +148,7 @@ pub(crate) fn run(job: JobKind, sizes: &Sizes, dir: &Path) -> anyhow::Result<Mea
     Ok(Measured {
         value,
         fsync_p50_us,
+        failed: None,
     })
 }
 
@@ -154,7 +157,7 @@ pub(crate) fn run(job: JobKind, sizes: &Sizes, dir: &Path) -> anyhow::Result<Mea
 /// after a bound, so a stuck target cannot hang the bench.
 fn small_files(count: u32, dir: &Path) -> anyhow::Result<Measured> {
     const PER_DIR: u32 = 1000;
-    const BOUND: Duration = Duration::from_secs(180);
+    const BOUND: Duration = Duration::from_secs(90);
     let root = dir.join("smallfiles");
     let dirs = count.div_ceil(PER_DIR);
     for d in 0..dirs {
@@ -166,16 +169,25 @@ fn small_files(count: u32, dir: &Path) -> anyhow::Result<Measured> {
     let mut done = 0u32;
     for i in 0..count {
         let path = root.join(format!("d{:03}/f{i:06}", i / PER_DIR));
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .with_context(|| format!("cannot create {}", path.display()))?;
-        file.write_all(&block)
-            .with_context(|| format!("cannot write {}", path.display()))?;
-        file.sync_all()
-            .with_context(|| format!("cannot fsync {}", path.display()))?;
-        drop(file);
+        let one = || -> anyhow::Result<()> {
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .with_context(|| format!("cannot create {}", path.display()))?;
+            file.write_all(&block)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            file.sync_all()
+                .with_context(|| format!("cannot fsync {}", path.display()))
+        };
+        if let Err(error) = one() {
+            // The rate so far still says something; the failure is reported with it.
+            return Ok(Measured {
+                value: f64::from(done) / start.elapsed().as_secs_f64().max(1e-9),
+                fsync_p50_us: None,
+                failed: Some(format!("stopped after {done} files: {error:#}")),
+            });
+        }
         done += 1;
         if start.elapsed() > BOUND {
             break;
@@ -185,5 +197,6 @@ fn small_files(count: u32, dir: &Path) -> anyhow::Result<Measured> {
     Ok(Measured {
         value: f64::from(done) / seconds.max(1e-9),
         fsync_p50_us: None,
+        failed: None,
     })
 }

@@ -197,7 +197,7 @@ pub(crate) fn run(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
         None => build_rfs(root)?,
     };
     env::sweep_stale(&args.disk_dir);
-    let machine = env::Machine::probe(root);
+    let machine = env::Machine::probe(root, &rfs);
     let ticks = env::sh("getconf", &["CLK_TCK"])
         .ok()
         .and_then(|t| t.trim().parse::<f64>().ok())
@@ -291,6 +291,17 @@ fn run_store(
         target_errors: Vec::new(),
         load: (load_average(), String::new()),
     };
+    // The first big write into fresh file systems ran up to 2x slower than
+    // the same write later (journal, allocator and backing-store warm-up),
+    // which would penalize whichever target comes first: one unmeasured
+    // sequential write on node 1 and node 2 first.
+    println!("bench: warm-up (one unmeasured sequential write per node)");
+    for dir in [env.plain_dir(), env.data_dir(2)] {
+        if let Err(error) = jobs::run(JobKind::Seq, sizes, &dir) {
+            println!("bench: warm-up failed: {error:#}");
+        }
+    }
+    env.clean()?;
     let mut cells: BTreeMap<(TargetKind, JobKind), Vec<Cell>> = BTreeMap::new();
     let rounds = (1..=args.rounds).flat_map(|round| args.targets.iter().map(move |t| (round, *t)));
     for (round, target) in rounds {
@@ -381,6 +392,7 @@ fn median_cell(list: Vec<Cell>) -> Cell {
         Ok(jobs::Measured {
             value: median(ok.iter().map(|m| m.value).collect()).unwrap_or(0.0),
             fsync_p50_us: median(ok.iter().filter_map(|m| m.fsync_p50_us).collect()),
+            failed: ok.iter().find_map(|m| m.failed.clone()),
         })
     };
     Cell {
@@ -488,7 +500,7 @@ fn build_rfs(root: &Path) -> anyhow::Result<PathBuf> {
         "--bin",
         "safekit-rfs",
     ]))
-    .context("cannot build safekit-rfs")?;
+    .context("cannot build safekit-rfs (pass --rfs PATH to bench an existing build)")?;
     let target_dir = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .map(|d| if d.is_absolute() { d } else { root.join(d) })

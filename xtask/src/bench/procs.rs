@@ -218,7 +218,6 @@ pub(crate) fn start(target: TargetKind, env: &Env, rfs: &Path) -> anyhow::Result
         &path_str(&control)?,
     ]);
     if replicated {
-        // ADD HERE any option the sender needs (one line).
         command.args([
             "--replication",
             "peer",

@@ -78,6 +78,16 @@ fn value(run: &StoreRun, target: TargetKind, job: JobKind) -> Option<f64> {
         .map(|m| m.value)
 }
 
+/// Whether the job ran on `target` but failed (a target it is part of is missed).
+fn failed(run: &StoreRun, target: TargetKind, job: JobKind) -> bool {
+    run.cells
+        .get(&(target, job))
+        .is_some_and(|c| match &c.measured {
+            Ok(m) => m.failed.is_some(),
+            Err(_) => true,
+        })
+}
+
 fn fsync_p50(run: &StoreRun, target: TargetKind) -> Option<f64> {
     run.cells
         .get(&(target, JobKind::RandFsync))
@@ -101,6 +111,9 @@ pub(crate) fn cell_summary(job: JobKind, cell: &Cell) -> String {
             let mut t = value_text(job, m.value);
             if let Some(p50) = m.fsync_p50_us {
                 let _ = write!(t, ", fsync p50 {p50:.0} µs");
+            }
+            if let Some(failure) = &m.failed {
+                let _ = write!(t, " (FAILED: {failure})");
             }
             t
         }
@@ -170,6 +183,14 @@ pub(crate) fn store_tables(
                             && let Some(plain) = value(run, TargetKind::Plain, job)
                         {
                             let _ = write!(t, " ({:.2})", m.value / plain);
+                        }
+                        if let Some(failure) = &m.failed {
+                            footnotes.push(format!(
+                                "{} on {}: FAILED, {failure} (the figure is the rate until then)",
+                                job_label(job),
+                                target.label()
+                            ));
+                            let _ = write!(t, " failed [{}]", footnotes.len());
                         }
                         if cell.alone > 0 {
                             footnotes.push(format!(
@@ -296,7 +317,9 @@ fn verdicts(run: &StoreRun) -> Vec<Verdict> {
             value(run, TargetKind::Off, job),
             value(run, TargetKind::Plain, job),
         );
+        let job_failed = failed(run, TargetKind::Off, job) || failed(run, TargetKind::Plain, job);
         let status = match r {
+            _ if job_failed => Status::Missed,
             None => Status::NotMeasured,
             Some(r) if r >= reference => Status::Met,
             Some(r) if r >= reference * (1.0 - NOISE) => Status::WithinNoise,
@@ -309,7 +332,8 @@ fn verdicts(run: &StoreRun) -> Vec<Verdict> {
             ),
             status,
             detail: r.map_or(String::new(), |r| {
-                format!("{r:.2} vs {reference:.2} ({source})")
+                let failure = if job_failed { ", job failed" } else { "" };
+                format!("{r:.2} vs {reference:.2} ({source}{failure})")
             }),
         });
     }
@@ -442,8 +466,13 @@ pub(crate) fn section(
     );
     let _ = writeln!(
         out,
-        "Machine: {} CPUs ({}), {:.1} GiB RAM, Linux {}, {}.\n",
-        machine.cpus, machine.cpu_model, machine.memory_gib, machine.kernel, machine.fio
+        "Machine: {} CPUs ({}), {:.1} GiB RAM, Linux {}, {}. Helper: {}.\n",
+        machine.cpus,
+        machine.cpu_model,
+        machine.memory_gib,
+        machine.kernel,
+        machine.fio,
+        machine.rfs
     );
     let _ = writeln!(
         out,
@@ -452,8 +481,12 @@ pub(crate) fn section(
          quick mode, on a loop device, never trimmed), both images on the \
          same backing store (named in each table). The plain baseline runs on node 1's file \
          system; our mount is `safekit-rfs mount` over a directory of the same file system; \
-         replicated targets send to `safekit-rfs receive` on node 2. fio {}, psync, one job; \
-         the small-file job is a loop (create, write 4 KiB, fsync, close). Ratios in brackets \
+         \"mount, replication off\" is the default (strict, no writeback cache) mode with \
+         `--replication off`; replicated targets send to `safekit-rfs receive` on node 2 \
+         over the veth pair. {}, psync, one job; \
+         the small-file job is a loop (create, write 4 KiB, fsync, close; it stops after 90 s and \
+         reports the rate so far). Before the first target, one unmeasured sequential write \
+         warms each node's file system up. Ratios in brackets \
          are to plain ext4 in the same pass; only ratios from one run count. CPU time is read \
          from /proc/<pid>/stat of the helpers before and after each job (including a `sync -f` \
          after it, so fsync-only mode's deferred writeback is counted).\n",
