@@ -163,6 +163,58 @@ pub enum MountError {
     },
 }
 
+/// Raises this process's open-file limit to the most the kernel allows.
+///
+/// The file system keeps one `O_PATH` descriptor per inode the kernel
+/// remembers (as virtiofsd does), so a tree of tens of thousands of files
+/// needs far more than the usual soft limit; without this, an application
+/// creating many files through the mount would get `EMFILE` from us. Returns
+/// the new soft limit. Call it once at start, before mounting.
+///
+/// # Errors
+/// Fails if the limit cannot be read or set.
+pub fn raise_open_file_limit() -> io::Result<u64> {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let current = getrlimit(Resource::Nofile);
+    let kernel_max = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|text| text.trim().parse::<u64>().ok());
+    let wanted = match (current.maximum, kernel_max) {
+        // Root may raise the hard limit up to the kernel's own maximum.
+        (_, Some(kernel_max)) if rustix::process::geteuid().is_root() => kernel_max,
+        (Some(hard), _) => hard,
+        (None, Some(kernel_max)) => kernel_max,
+        (None, None) => return Ok(current.current.unwrap_or(u64::MAX)),
+    };
+    if current.current.is_some_and(|soft| soft >= wanted) {
+        return Ok(wanted);
+    }
+    let raised = setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: Some(wanted),
+            maximum: Some(wanted.max(current.maximum.unwrap_or(0))),
+        },
+    );
+    match (raised, current.maximum) {
+        (Ok(()), _) => Ok(wanted),
+        // Without CAP_SYS_RESOURCE (some containers), the soft limit can still
+        // go up to the hard one; a service manager should set a high hard
+        // limit (systemd: LimitNOFILE=1048576).
+        (Err(_), Some(hard)) => {
+            setrlimit(
+                Resource::Nofile,
+                Rlimit {
+                    current: Some(hard),
+                    maximum: Some(hard),
+                },
+            )?;
+            Ok(hard)
+        }
+        (Err(error), None) => Err(error.into()),
+    }
+}
+
 /// If `path` is a dead FUSE mount (`statfs` answers `ENOTCONN`), detaches it. Returns whether it did.
 ///
 /// # Errors

@@ -44,6 +44,11 @@ fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    // The in-process data path keeps a descriptor per inode of the mounts.
+    #[cfg(feature = "linux-datapath")]
+    if let Err(error) = safekit_linux_helper::mount::raise_open_file_limit() {
+        eprintln!("safekitd: cannot raise the open-file limit: {error}");
+    }
     match run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {

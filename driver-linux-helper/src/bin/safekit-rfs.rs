@@ -164,6 +164,10 @@ fn main() -> anyhow::Result<()> {
         .context("cannot block the stop signals")?;
 
     let cli = Cli::parse();
+    match mount::raise_open_file_limit() {
+        Ok(limit) => tracing::debug!(limit, "open-file limit"),
+        Err(error) => tracing::warn!(%error, "cannot raise the open-file limit"),
+    }
     match cli.command {
         Command::Recover { dirs } => {
             for dir in dirs {
