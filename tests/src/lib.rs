@@ -133,12 +133,21 @@
 //! fails half-way does the same. Namespaces left by a test binary that was
 //! killed outright (its pid is dead) are removed by the next build.
 //!
+//! # SafeKit agents
+//!
+//! [`agents`] installs a module on every node (`cluster.xml` from the
+//! topology, the secret, `userconfig.xml`, scripts), starts `safekitd
+//! --foreground` in a node and runs `safekit` inside it as an operator would
+//! (`state -lq` exit codes, `state -v`, the module log, tree digests), so that
+//! the agent's scenario tests only say what their module and checks differ in.
+//!
 //! # Needed on the machine
 //!
 //! Root, and the Debian packages `iproute2` (`ip`, `tc`), `util-linux`
 //! (`nsenter`, `unshare`), `mount`, `nftables` (`nft`), `iputils-ping` and
 //! `procps` (`ping`, `pgrep`: used by the tests). [`require_root`] checks them.
 
+pub mod agents;
 mod cluster;
 mod error;
 mod node;

@@ -11,20 +11,16 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use safekit_tests::{Cluster, Node, NodeProcess, require_root, wait_until, workspace_bin};
+use safekit_tests::agents::{
+    ALONE, DEFAULT_STATE_WAIT as STATE_WAIT, ModuleSpec, PRIM, SECOND, STOP, WAIT, detail,
+    first_start, start_agents, wait_one_primary,
+};
+use safekit_tests::{Cluster, Node, NodeProcess, require_root, wait_until};
 
 const MODULE: &str = "mirror";
-const STOP: i32 = 0;
-const WAIT: i32 = 1;
-const ALONE: i32 = 2;
-const PRIM: i32 = 3;
-const SECOND: i32 = 4;
 const APP_PORT: u16 = 8080;
 /// Heartbeat port of module id 1 (8888 + id - 1).
 const HEART_PORT: u16 = 8888;
-const SECRET: &str = "5f4dcc3b5aa765d61d8327deb882cf99aa11bb22cc33dd44ee55ff6677889900";
-/// Long enough for a failover with timeout 1 s, a script run and a slow machine.
-const STATE_WAIT: Duration = Duration::from_secs(30);
 
 const START_PRIM: &str = r#"#!/bin/sh
 # Starts the demo application: a web server answering with this node's name.
@@ -71,72 +67,12 @@ while True:
     time.sleep(0.01)
 "#;
 
-/// One node's SafeKit installation and agent.
-struct MirrorNode<'a> {
-    node: &'a Node,
-    safe: PathBuf,
-    var: PathBuf,
-}
-
-impl<'a> MirrorNode<'a> {
-    fn install(node: &'a Node, cluster: &Cluster, vip: Ipv4Addr, secret: &str) -> MirrorNode<'a> {
-        Self::install_with(node, cluster, vip, secret, "")
-    }
-
-    /// Like [`MirrorNode::install`], with `extra` XML added inside `<service>`.
-    fn install_with(
-        node: &'a Node,
-        cluster: &Cluster,
-        vip: Ipv4Addr,
-        secret: &str,
-        extra: &str,
-    ) -> MirrorNode<'a> {
-        let safe = node.config_dir().join("safe");
-        let var = node.state_dir().join("safevar");
-        let module = safe.join("modules").join(MODULE);
-        for dir in [
-            module.join("conf"),
-            module.join("bin"),
-            var.join("cluster"),
-            safe.join("private").join("bin"),
-        ] {
-            std::fs::create_dir_all(&dir).expect("create SafeKit directories");
-        }
-        // LAN 0 is "default" (production, the client's); LAN 1, if any, "repli".
-        let lans: String = (0..cluster.lan_count())
-            .map(|lan| {
-                let nodes: String = cluster
-                    .nodes()
-                    .iter()
-                    .map(|peer| {
-                        format!(
-                            "<node name=\"{}\" addr=\"{}\"/>",
-                            peer.name(),
-                            peer.addr(lan)
-                        )
-                    })
-                    .collect();
-                format!("<lan name=\"{}\">{nodes}</lan>", lan_name(lan))
-            })
-            .collect();
-        std::fs::write(
-            var.join("cluster").join("cluster.xml"),
-            format!("<cluster><lans>{lans}</lans></cluster>\n"),
-        )
-        .expect("write cluster.xml");
-        let heartbeats: String = (0..cluster.lan_count())
-            .map(|lan| format!("<heartbeat name=\"{}\"/>", lan_name(lan)))
-            .collect();
-        write_mode(&var.join("cluster").join("secret"), secret, 0o600);
-        std::fs::write(
-            module.join("conf").join("userconfig.xml"),
-            format!(
-                r#"<safe>
-<service mode="mirror" defaultprim="alone" failover="on">
-  <heart pulse="200ms" timeout="1000ms">
-    {heartbeats}
-  </heart>
-  <vip>
+/// The module of these tests: the virtual IP `vip`, the web server's
+/// scripts, and `extra` XML inside `<service>`.
+fn module(vip: Ipv4Addr, extra: &str) -> ModuleSpec {
+    ModuleSpec::new(MODULE)
+        .config(format!(
+            r#"<vip>
     <interface_list>
       <interface check="off" arpreroute="on">
         <real_interface>
@@ -145,142 +81,11 @@ impl<'a> MirrorNode<'a> {
       </interface>
     </interface_list>
   </vip>
-  <user nicestoptimeout="10" forcestoptimeout="10" logging="userlog"/>
-  {extra}
-</service>
-</safe>
-"#
-            ),
-        )
-        .expect("write userconfig.xml");
-        write_mode(&module.join("bin").join("start_prim"), START_PRIM, 0o755);
-        write_mode(&module.join("bin").join("stop_prim"), STOP_PRIM, 0o755);
-        let safekit = workspace_bin("safekit").expect("safekit is built");
-        let link = safe.join("safekit");
-        let _ = std::fs::remove_file(&link);
-        std::os::unix::fs::symlink(safekit, link).expect("link $SAFE/safekit");
-        MirrorNode { node, safe, var }
-    }
-
-    fn start_agent(&self) -> NodeProcess {
-        let safekitd = workspace_bin("safekitd").expect("safekitd is built");
-        let agent = self
-            .node
-            .spawn(format!(
-                "exec {} --foreground --safe {} --var {} --node {}",
-                safekitd.display(),
-                self.safe.display(),
-                self.var.display(),
-                self.node.name()
-            ))
-            .expect("spawn safekitd");
-        wait_until(
-            &format!("{}'s agent to answer", self.node.name()),
-            STATE_WAIT,
-            Duration::from_millis(50),
-            || self.safekit("module list").success(),
-        )
-        .unwrap_or_else(|error| panic!("{error}: {}", agent.output()));
-        agent
-    }
-
-    /// Runs `safekit <args>` inside the node as root.
-    fn safekit(&self, args: &str) -> safekit_tests::Output {
-        self.node
-            .run(format!(
-                "SAFE={} SAFEVAR={} {}/safekit {args}",
-                self.safe.display(),
-                self.var.display(),
-                self.safe.display()
-            ))
-            .expect("run safekit")
-    }
-
-    fn safekit_ok(&self, args: &str) -> String {
-        let output = self.safekit(args);
-        assert!(
-            output.success(),
-            "{}: safekit {args} failed: {}{}\n{}",
-            self.node.name(),
-            output.stdout,
-            output.stderr,
-            self.diagnostics()
-        );
-        output.stdout
-    }
-
-    /// `safekit state -m mirror -lq`'s exit code.
-    fn state(&self) -> i32 {
-        self.safekit(&format!("state -m {MODULE} -lq"))
-            .status
-            .code()
-            .unwrap_or(-1)
-    }
-
-    fn wait_state(&self, code: i32) {
-        if let Err(error) = wait_until(
-            &format!("{} in state {code}", self.node.name()),
-            STATE_WAIT,
-            Duration::from_millis(50),
-            || self.state() == code,
-        ) {
-            panic!("{error} (now {})\n{}", self.state(), self.diagnostics());
-        }
-    }
-
-    /// Waits until `state -v` shows the peer as `expected` (e.g. `node1 ALONE`).
-    fn wait_peer(&self, expected: &str) {
-        wait_until(
-            &format!("{} to see its peer as {expected}", self.node.name()),
-            STATE_WAIT,
-            Duration::from_millis(50),
-            || {
-                detail(
-                    &self.safekit(&format!("state -m {MODULE} -v")).stdout,
-                    "peer",
-                ) == expected
-            },
-        )
-        .unwrap_or_else(|error| panic!("{error}\n{}", self.diagnostics()));
-    }
-
-    fn log(&self) -> String {
-        self.safekit(&format!("log -m {MODULE} -A -s 1000")).stdout
-    }
-
-    /// The module log, read from the file (works when the agent is down).
-    fn log_file(&self) -> String {
-        std::fs::read_to_string(self.var.join("modules").join(MODULE).join("log"))
-            .unwrap_or_default()
-    }
-
-    fn diagnostics(&self) -> String {
-        format!(
-            "--- {} state -v:\n{}\n--- module log:\n{}",
-            self.node.name(),
-            self.safekit(&format!("state -m {MODULE} -v")).stdout,
-            self.log_file()
-        )
-    }
-}
-
-/// The value of a `key  value` line of `safekit state -v`.
-fn detail(verbose: &str, key: &str) -> String {
-    verbose
-        .lines()
-        .find_map(|line| line.trim_start().strip_prefix(key))
-        .map(|value| value.trim().to_string())
-        .unwrap_or_default()
-}
-
-fn lan_name(lan: usize) -> &'static str {
-    ["default", "repli"][lan]
-}
-
-fn write_mode(path: &std::path::Path, content: &str, mode: u32) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::write(path, content).expect("write file");
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+  <user nicestoptimeout="10" forcestoptimeout="10" logging="userlog"/>"#
+        ))
+        .config(extra)
+        .script("start_prim", START_PRIM)
+        .script("stop_prim", STOP_PRIM)
 }
 
 /// What the client gets from the application through the virtual IP.
@@ -316,27 +121,13 @@ fn two_nodes_on(lans: usize) -> (Cluster, Ipv4Addr) {
     (cluster, vip)
 }
 
-/// node1 `prim` (ALONE), node2 `second` (SECOND), node1 PRIM.
-fn first_start(node1: &MirrorNode<'_>, node2: &MirrorNode<'_>) {
-    node1.safekit_ok(&format!("prim -m {MODULE}"));
-    node1.wait_state(ALONE);
-    // As an operator would, check that node2 sees node1 primary before `second`.
-    node2.wait_peer("node1 ALONE");
-    node2.safekit_ok(&format!("second -m {MODULE}"));
-    node2.wait_state(SECOND);
-    node1.wait_state(PRIM);
-}
-
 #[test]
 fn first_start_then_failover_on_kill_9_moves_the_vip_and_the_application() {
     if !require_root() {
         return;
     }
     let (cluster, vip) = two_nodes();
-    let node1 = MirrorNode::install(cluster.node(1), &cluster, vip, SECRET);
-    let node2 = MirrorNode::install(cluster.node(2), &cluster, vip, SECRET);
-    let _agent1 = node1.start_agent();
-    let _agent2 = node2.start_agent();
+    let ([node1, node2], _agents) = module(vip, "").start_on(&cluster);
     assert_eq!(node1.state(), STOP, "a module starts in STOP");
 
     first_start(&node1, &node2);
@@ -478,11 +269,7 @@ fn swap_stop_and_the_not_up_to_date_rule() {
         return;
     }
     let (cluster, vip) = two_nodes();
-    let node1 = MirrorNode::install(cluster.node(1), &cluster, vip, SECRET);
-    let node2 = MirrorNode::install(cluster.node(2), &cluster, vip, SECRET);
-    let _agent1 = node1.start_agent();
-    let _agent2 = node2.start_agent();
-    first_start(&node1, &node2);
+    let ([node1, node2], _agents) = module(vip, "").start_pair(&cluster);
     wait_client_reaches(cluster.client(), vip, "node1");
 
     // Swap: the roles are exchanged and the application follows.
@@ -520,18 +307,9 @@ fn swap_stop_and_the_not_up_to_date_rule() {
     // node2 alone is not up to date: a plain start waits and never serves.
     node2.safekit_ok(&format!("start -m {MODULE}"));
     node2.wait_state(WAIT);
-    wait_until(
-        "node2 to say why it waits",
-        STATE_WAIT,
-        Duration::from_millis(50),
-        || {
-            node2
-                .safekit(&format!("state -m {MODULE} -v"))
-                .stdout
-                .contains("not up to date")
-        },
-    )
-    .unwrap_or_else(|error| panic!("{error}\n{}", node2.diagnostics()));
+    node2.wait_for("say why it waits", || {
+        node2.verbose_unchecked().contains("not up to date")
+    });
     assert_eq!(
         client_reaches(cluster.client(), vip),
         None,
@@ -552,11 +330,7 @@ fn forged_heartbeats_and_non_root_users_are_refused() {
         return;
     }
     let (cluster, vip) = two_nodes();
-    let node1 = MirrorNode::install(cluster.node(1), &cluster, vip, SECRET);
-    let node2 = MirrorNode::install(cluster.node(2), &cluster, vip, SECRET);
-    let _agent1 = node1.start_agent();
-    let _agent2 = node2.start_agent();
-    first_start(&node1, &node2);
+    let ([node1, node2], _agents) = module(vip, "").start_pair(&cluster);
 
     // A heartbeat in the right format, claiming to be node2 stopping, but
     // signed with another secret, sent from the client to node1.
@@ -597,13 +371,9 @@ fn forged_heartbeats_and_non_root_users_are_refused() {
             cluster.node(1).addr(0)
         ))
         .expect("send forged heartbeats");
-    wait_until(
-        "node1 to log the forged heartbeat",
-        STATE_WAIT,
-        Duration::from_millis(50),
-        || node1.log().contains("Heartbeat refused"),
-    )
-    .unwrap_or_else(|error| panic!("{error}\n{}", node1.diagnostics()));
+    node1.wait_for("log the forged heartbeat", || {
+        node1.log().contains("Heartbeat refused")
+    });
     let log1 = node1.log();
     assert!(log1.contains("authentication failed"), "{log1}");
     assert_eq!(node1.state(), PRIM, "a forged heartbeat changes nothing");
@@ -614,8 +384,8 @@ fn forged_heartbeats_and_non_root_users_are_refused() {
         .node(1)
         .run(format!(
             "SAFEVAR={} setpriv --reuid=65534 --regid=65534 --clear-groups {}/safekit stop -m {MODULE}",
-            node1.var.display(),
-            node1.safe.display()
+            node1.var_dir().display(),
+            node1.safe_dir().display()
         ))
         .expect("run safekit as nobody");
     assert!(
@@ -646,11 +416,7 @@ fn link_down_fails_over_and_the_split_brain_heals_with_one_primary() {
         return;
     }
     let (cluster, vip) = two_nodes();
-    let node1 = MirrorNode::install(cluster.node(1), &cluster, vip, SECRET);
-    let node2 = MirrorNode::install(cluster.node(2), &cluster, vip, SECRET);
-    let _agent1 = node1.start_agent();
-    let _agent2 = node2.start_agent();
-    first_start(&node1, &node2);
+    let ([node1, node2], _agents) = module(vip, "").start_pair(&cluster);
     wait_client_reaches(cluster.client(), vip, "node1");
 
     // node1's only link is cut: each side loses the other and runs ALONE.
@@ -678,27 +444,13 @@ fn link_down_fails_over_and_the_split_brain_heals_with_one_primary() {
     cluster
         .link_up(cluster.node(1), 0)
         .expect("plug node1 back");
-    wait_until(
-        "one PRIM and one SECOND after the split brain",
-        STATE_WAIT,
-        Duration::from_millis(50),
-        || {
-            let states = [node1.state(), node2.state()];
-            states == [PRIM, SECOND] || states == [SECOND, PRIM]
-        },
-    )
-    .unwrap_or_else(|error| panic!("{error}\n{}\n{}", node1.diagnostics(), node2.diagnostics()));
-    let (winner, loser) = if node1.state() == PRIM {
-        (&node1, &node2)
-    } else {
-        (&node2, &node1)
-    };
+    let (winner, loser) = wait_one_primary(&node1, &node2);
     let loser_log = loser.log();
     assert!(
         loser_log.contains("Split brain recovery"),
         "the losing side says what it did: {loser_log}"
     );
-    wait_client_reaches(cluster.client(), vip, winner.node.name());
+    wait_client_reaches(cluster.client(), vip, winner.name());
 }
 
 #[test]
@@ -707,29 +459,15 @@ fn losing_only_the_production_lan_keeps_prim_and_second() {
         return;
     }
     let (cluster, vip) = two_nodes_on(2);
-    let node1 = MirrorNode::install(cluster.node(1), &cluster, vip, SECRET);
-    let node2 = MirrorNode::install(cluster.node(2), &cluster, vip, SECRET);
-    let _agent1 = node1.start_agent();
-    let _agent2 = node2.start_agent();
-    first_start(&node1, &node2);
+    let ([node1, node2], _agents) = module(vip, "").start_pair(&cluster);
 
     cluster
         .link_down(cluster.node(1), 0)
         .expect("cut node1's production link");
     for node in [&node1, &node2] {
-        wait_until(
-            &format!("{} to report the production LAN down", node.node.name()),
-            STATE_WAIT,
-            Duration::from_millis(50),
-            || {
-                detail(
-                    &node.safekit(&format!("state -m {MODULE} -v")).stdout,
-                    "lan default",
-                )
-                .starts_with("down")
-            },
-        )
-        .unwrap_or_else(|error| panic!("{error}\n{}", node.diagnostics()));
+        node.wait_for("report the production LAN down", || {
+            detail(&node.verbose_unchecked(), "lan default").starts_with("down")
+        });
     }
     assert_eq!(
         node1.state(),
@@ -747,11 +485,7 @@ fn state_survives_kill_9_of_both_agents() {
         return;
     }
     let (cluster, vip) = two_nodes();
-    let node1 = MirrorNode::install(cluster.node(1), &cluster, vip, SECRET);
-    let node2 = MirrorNode::install(cluster.node(2), &cluster, vip, SECRET);
-    let agent1 = node1.start_agent();
-    let agent2 = node2.start_agent();
-    first_start(&node1, &node2);
+    let ([node1, node2], [agent1, agent2]) = module(vip, "").start_pair(&cluster);
     // node2 stops as SECOND, node1 runs on ALONE then stops: node1 holds the newer data.
     node2.safekit_ok(&format!("stop -m {MODULE}"));
     node1.wait_state(ALONE);
@@ -760,26 +494,16 @@ fn state_survives_kill_9_of_both_agents() {
     agent1.kill();
     agent2.kill();
 
-    let _agent1 = node1.start_agent();
-    let _agent2 = node2.start_agent();
+    let _agents = start_agents([&node1, &node2]);
     assert_eq!(
         node1.state(),
         STOP,
         "a restarted agent starts its modules in STOP"
     );
     node2.safekit_ok(&format!("start -m {MODULE}"));
-    wait_until(
-        "node2 to wait, not up to date",
-        STATE_WAIT,
-        Duration::from_millis(50),
-        || {
-            node2
-                .safekit(&format!("state -m {MODULE} -v"))
-                .stdout
-                .contains("not up to date")
-        },
-    )
-    .unwrap_or_else(|error| panic!("{error}\n{}", node2.diagnostics()));
+    node2.wait_for("wait, not up to date", || {
+        node2.verbose_unchecked().contains("not up to date")
+    });
     node1.safekit_ok(&format!("start -m {MODULE}"));
     node1.wait_state(PRIM);
     node2.wait_state(SECOND);
@@ -792,8 +516,8 @@ fn an_invalid_module_is_reported_and_not_started_while_the_others_run() {
         return;
     }
     let (cluster, vip) = two_nodes();
-    let node1 = MirrorNode::install(cluster.node(1), &cluster, vip, SECRET);
-    let broken = node1.safe.join("modules").join("broken").join("conf");
+    let [node1] = module(vip, "").install_on(&cluster);
+    let broken = node1.safe_dir().join("modules").join("broken").join("conf");
     std::fs::create_dir_all(&broken).expect("create the broken module");
     std::fs::write(
         broken.join("userconfig.xml"),
@@ -850,10 +574,7 @@ fn with_rfs_the_primary_serves_its_data_through_the_mount_and_releases_it_on_sto
     let rfs = format!(
         r#"<rfs replication_timeout="500ms"><replicated dir="{REPLICATED}" mode="read_only"/></rfs>"#
     );
-    let node1 = MirrorNode::install_with(cluster.node(1), &cluster, vip, SECRET, &rfs);
-    let node2 = MirrorNode::install_with(cluster.node(2), &cluster, vip, SECRET, &rfs);
-    let _agent1 = node1.start_agent();
-    let _agent2 = node2.start_agent();
+    let ([node1, node2], _agents) = module(vip, &rfs).start_on(&cluster);
 
     node1.safekit_ok(&format!("prim -m {MODULE}"));
     node1.wait_state(ALONE);

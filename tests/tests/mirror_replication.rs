@@ -17,13 +17,12 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use safekit_tests::{Cluster, Node, NodeProcess, require_root, wait_until, workspace_bin};
+use safekit_tests::agents::{
+    ALONE, AgentNode, ModuleSpec, PRIM, SECOND, assert_same_tree, wait_for_all, wait_one_primary,
+};
+use safekit_tests::{Cluster, require_root, wait_until};
 
 const MODULE: &str = "mirror";
-const ALONE: i32 = 2;
-const PRIM: i32 = 3;
-const SECOND: i32 = 4;
-const SECRET: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 /// The replicated directory (a private directory of each node).
 const REPLICATED: &str = "/replicated/data";
 /// `reiallowedbw`: the first (full) reintegration of about 6 MiB lasts about 3 s,
@@ -32,180 +31,65 @@ const RESYNC_KBPS: u32 = 2048;
 /// Bound of every wait for a state: failover with timeout 1 s, a resync of a few MiB, a slow machine.
 const STATE_WAIT: Duration = Duration::from_secs(60);
 
-/// One node's SafeKit installation.
-struct MirrorNode<'a> {
-    node: &'a Node,
-    safe: PathBuf,
-    var: PathBuf,
+/// The module of these tests: `<rfs>` over [`REPLICATED`], resync bandwidth [`RESYNC_KBPS`].
+fn module() -> ModuleSpec {
+    ModuleSpec::new(MODULE)
+        .config(format!(
+            r#"<rfs replication_timeout="500ms" nbrei="3" reiallowedbw="{RESYNC_KBPS}">
+    <replicated dir="{REPLICATED}" mode="read_only"/>
+  </rfs>"#
+        ))
+        .state_wait(STATE_WAIT)
 }
 
-impl<'a> MirrorNode<'a> {
-    fn install(node: &'a Node, cluster: &Cluster) -> MirrorNode<'a> {
-        let safe = node.config_dir().join("safe");
-        let var = node.state_dir().join("safevar");
-        let module = safe.join("modules").join(MODULE);
-        for dir in [module.join("conf"), var.join("cluster")] {
-            std::fs::create_dir_all(&dir).expect("create SafeKit directories");
-        }
-        let nodes: String = cluster
-            .nodes()
-            .iter()
-            .map(|peer| format!("<node name=\"{}\" addr=\"{}\"/>", peer.name(), peer.addr(0)))
-            .collect();
-        std::fs::write(
-            var.join("cluster").join("cluster.xml"),
-            format!("<cluster><lans><lan name=\"default\">{nodes}</lan></lans></cluster>\n"),
-        )
-        .expect("write cluster.xml");
-        let secret = var.join("cluster").join("secret");
-        std::fs::write(&secret, SECRET).expect("write the secret");
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600))
-                .expect("chmod the secret");
-        }
-        std::fs::write(
-            module.join("conf").join("userconfig.xml"),
-            format!(
-                r#"<safe>
-<service mode="mirror" defaultprim="alone" failover="on">
-  <heart pulse="200ms" timeout="1000ms">
-    <heartbeat name="default"/>
-  </heart>
-  <rfs replication_timeout="500ms" nbrei="3" reiallowedbw="{RESYNC_KBPS}">
-    <replicated dir="{REPLICATED}" mode="read_only"/>
-  </rfs>
-</service>
-</safe>
-"#
-            ),
-        )
-        .expect("write userconfig.xml");
-        let link = safe.join("safekit");
-        let _ = std::fs::remove_file(&link);
-        std::os::unix::fs::symlink(workspace_bin("safekit").expect("safekit is built"), link)
-            .expect("link $SAFE/safekit");
-        MirrorNode { node, safe, var }
-    }
+/// Two nodes, [`REPLICATED`] private to each.
+fn two_nodes() -> Cluster {
+    Cluster::builder()
+        .nodes(2)
+        .private_dir(REPLICATED)
+        .build()
+        .expect("build the cluster")
+}
 
-    fn start_agent(&self) -> NodeProcess {
-        let safekitd = workspace_bin("safekitd").expect("safekitd is built");
-        let agent = self
-            .node
-            .spawn(format!(
-                "exec {} --foreground --safe {} --var {} --node {}",
-                safekitd.display(),
-                self.safe.display(),
-                self.var.display(),
-                self.node.name()
-            ))
-            .expect("spawn safekitd");
-        wait_until(
-            &format!("{}'s agent to answer", self.node.name()),
-            STATE_WAIT,
-            Duration::from_millis(50),
-            || self.safekit("module list").success(),
-        )
-        .unwrap_or_else(|error| panic!("{error}: {}", agent.output()));
-        agent
-    }
+/// Runs a shell command inside the node, in the replicated directory.
+fn in_data(node: &AgentNode<'_>, shell: &str) {
+    node.run_in(REPLICATED, shell);
+}
 
-    fn safekit(&self, args: &str) -> safekit_tests::Output {
-        self.node
-            .run(format!(
-                "SAFE={} SAFEVAR={} {}/safekit {args}",
-                self.safe.display(),
-                self.var.display(),
-                self.safe.display()
-            ))
-            .expect("run safekit")
-    }
+/// The replicated tree's digest, seen inside the node.
+fn tree(node: &AgentNode<'_>) -> String {
+    node.tree_digest(REPLICATED)
+}
 
-    fn safekit_ok(&self, args: &str) -> String {
-        let output = self.safekit(args);
-        assert!(
-            output.success(),
-            "{}: safekit {args} failed: {}{}\n{}",
-            self.node.name(),
-            output.stdout,
-            output.stderr,
-            self.diagnostics()
-        );
-        output.stdout
-    }
+/// node1 `prim` (ALONE) and writes `shell`'s data, node2 `second` (SECOND).
+fn pair_up_with_data(node1: &AgentNode<'_>, node2: &AgentNode<'_>, shell: &str) {
+    node1.safekit_ok(&format!("prim -m {MODULE}"));
+    node1.wait_state(ALONE);
+    in_data(node1, shell);
+    // As an operator would, check that node2 sees node1 primary before `second`.
+    node2.wait_peer("node1 ALONE");
+    node2.safekit_ok(&format!("second -m {MODULE}"));
+    node2.wait_state(SECOND);
+}
 
-    fn state(&self) -> i32 {
-        self.safekit(&format!("state -m {MODULE} -lq"))
-            .status
-            .code()
-            .unwrap_or(-1)
-    }
-
-    /// Waits for `code` and returns how long it took.
-    fn wait_state(&self, code: i32) -> Duration {
-        let start = Instant::now();
-        if let Err(error) = wait_until(
-            &format!("{} in state {code}", self.node.name()),
-            STATE_WAIT,
-            Duration::from_millis(50),
-            || self.state() == code,
-        ) {
-            panic!("{error} (now {})\n{}", self.state(), self.diagnostics());
-        }
-        start.elapsed()
-    }
-
-    /// Waits until `state -v` shows the peer as `expected` (e.g. `node1 ALONE`).
-    fn wait_peer(&self, expected: &str) {
-        wait_until(
-            &format!("{} to see its peer as {expected}", self.node.name()),
-            STATE_WAIT,
-            Duration::from_millis(50),
-            || {
-                self.safekit(&format!("state -m {MODULE} -v"))
-                    .stdout
-                    .lines()
-                    .filter_map(|line| line.trim_start().strip_prefix("peer"))
-                    .any(|value| value.trim() == expected)
-            },
-        )
-        .unwrap_or_else(|error| panic!("{error}\n{}", self.diagnostics()));
-    }
-
-    fn log_file(&self) -> String {
-        std::fs::read_to_string(self.var.join("modules").join(MODULE).join("log"))
-            .unwrap_or_default()
-    }
-
-    fn diagnostics(&self) -> String {
-        format!(
-            "--- {} state -v:\n{}\n--- module log:\n{}",
-            self.node.name(),
-            self.safekit(&format!("state -m {MODULE} -v")).stdout,
-            self.log_file()
-        )
-    }
-
-    /// Runs a shell command inside the node, in the replicated directory.
-    fn in_data(&self, shell: &str) {
-        self.node
-            .run_ok(format!("cd {REPLICATED} && {shell}"))
-            .unwrap_or_else(|error| panic!("{}: {shell}: {error}", self.node.name()));
-    }
-
-    /// Every entry's type, path, mode, owner and link target, then every file's SHA-256.
-    fn tree(&self) -> String {
-        self.node
-            .run_ok(format!(
-                "cd {REPLICATED} && find . -mindepth 1 -printf '%y %p %m %u %g %l\\n' | LC_ALL=C sort \
-                 && find . -type f -print0 | LC_ALL=C sort -z | xargs -0 -r sha256sum"
-            ))
-            .unwrap_or_else(|error| panic!("{}: list the tree: {error}", self.node.name()))
-    }
+/// `returning`, back with its agent, is `start`ed: `primary` serves its
+/// reintegration, then `returning` is SECOND and `primary` PRIM.
+fn rejoin(returning: &AgentNode<'_>, primary: &AgentNode<'_>) {
+    returning.safekit_ok(&format!("start -m {MODULE}"));
+    returning.wait_state(SECOND);
+    wait_for_all(
+        &[returning, primary],
+        &format!(
+            "{} PRIM after {}'s reintegration",
+            primary.name(),
+            returning.name()
+        ),
+        || primary.state() == PRIM,
+    );
 }
 
 /// The `resync` line of `safekit state -v`, if any.
-fn resync_line(node: &MirrorNode<'_>) -> Option<String> {
+fn resync_line(node: &AgentNode<'_>) -> Option<String> {
     node.safekit(&format!("state -m {MODULE} -v"))
         .stdout
         .lines()
@@ -220,41 +104,20 @@ fn percent(line: &str) -> Option<u8> {
         .and_then(|number| number.parse().ok())
 }
 
-/// Asserts both trees are identical, printing the first difference.
-fn assert_same_tree(what: &str, expected: &str, actual: &str) {
-    if expected != actual {
-        let difference = expected
-            .lines()
-            .zip(actual.lines())
-            .find(|(left, right)| left != right);
-        panic!(
-            "{what}: trees differ (first difference {difference:?}; {} vs {} lines)",
-            expected.lines().count(),
-            actual.lines().count()
-        );
-    }
-}
-
 #[test]
 fn prim_then_second_pairs_up_replicates_live_fails_over_and_reintegrates_incrementally() {
     assert!(
         require_root(),
         "this scenario needs root (namespaces, FUSE mounts)"
     );
-    let cluster = Cluster::builder()
-        .nodes(2)
-        .private_dir(REPLICATED)
-        .build()
-        .expect("build the cluster");
-    let node1 = MirrorNode::install(cluster.node(1), &cluster);
-    let node2 = MirrorNode::install(cluster.node(2), &cluster);
-    let _agent1 = node1.start_agent();
-    let _agent2 = node2.start_agent();
+    let cluster = two_nodes();
+    let ([node1, node2], _agents) = module().start_on(&cluster);
 
     // node1 runs alone with data: a few hundred KiB in small files, a 4 MiB file, a link.
     node1.safekit_ok(&format!("prim -m {MODULE}"));
     node1.wait_state(ALONE);
-    node1.in_data(
+    in_data(
+        &node1,
         "mkdir -p docs/deep && for i in $(seq 1 60); do head -c $((i * 997)) /dev/urandom > docs/f$i; done \
          && echo hello > docs/deep/hello.txt && chmod 600 docs/deep/hello.txt \
          && head -c 4194304 /dev/urandom > big.bin && ln -s docs/deep/hello.txt link && sync",
@@ -295,47 +158,45 @@ fn prim_then_second_pairs_up_replicates_live_fails_over_and_reintegrates_increme
         )
     });
     eprintln!("progress on node1: {seen_on_node1:?}\nprogress on node2: {seen_on_node2:?}");
-    let in_sync = wait_until(
+    wait_for_all(
+        &[&node1, &node2],
         "node2 SECOND in sync and node1 PRIM",
-        STATE_WAIT,
-        Duration::from_millis(50),
         || node1.state() == PRIM,
     );
-    in_sync.unwrap_or_else(|error| {
-        panic!("{error}\n{}\n{}", node1.diagnostics(), node2.diagnostics())
-    });
     let first_resync = start.elapsed();
-    assert_same_tree("after the full reintegration", &node1.tree(), &node2.tree());
+    assert_same_tree("after the full reintegration", &tree(&node1), &tree(&node2));
     assert!(
         node1
-            .log_file()
+            .module_log()
             .contains("Reintegration of node2 served from this node (full)"),
         "{}",
         node1.diagnostics()
     );
     assert!(
-        node2.log_file().contains("Reintegration completed"),
+        node2.module_log().contains("Reintegration completed"),
         "{}",
         node2.diagnostics()
     );
 
     // Live replication: every change on node1 is on node2 once the command returned.
-    node1.in_data(
+    in_data(
+        &node1,
         "echo appended >> docs/f1 && printf XXXX | dd of=big.bin bs=1 seek=1000000 conv=notrunc status=none \
          && rm docs/f2 && mv docs/f3 docs/f3.renamed && mkdir new && head -c 100000 /dev/urandom > new/n1",
     );
-    let acknowledged = node1.tree();
-    assert_same_tree("live replication", &acknowledged, &node2.tree());
+    let acknowledged = tree(&node1);
+    assert_same_tree("live replication", &acknowledged, &tree(&node2));
 
     // Power cut of node1: node2 takes over with every acknowledged write.
     let crashed = Instant::now();
     cluster.node(1).crash().expect("crash node1");
     node2.wait_state(ALONE);
     let failover = crashed.elapsed();
-    assert_same_tree("after failover", &acknowledged, &node2.tree());
+    assert_same_tree("after failover", &acknowledged, &tree(&node2));
 
     // node2 runs alone and changes things (recorded for node1's reintegration).
-    node2.in_data(
+    in_data(
+        &node2,
         "echo while-alone >> docs/f4 && rm docs/f5 && head -c 50000 /dev/urandom > alone.bin \
          && printf YYYY | dd of=big.bin bs=1 seek=3000000 conv=notrunc status=none && sync",
     );
@@ -344,35 +205,27 @@ fn prim_then_second_pairs_up_replicates_live_fails_over_and_reintegrates_increme
     cluster.node(1).reboot().expect("reboot node1");
     let _agent1_again = node1.start_agent();
     let start = Instant::now();
-    node1.safekit_ok(&format!("start -m {MODULE}"));
-    node1.wait_state(SECOND);
-    wait_until(
-        "node2 PRIM after node1's reintegration",
-        STATE_WAIT,
-        Duration::from_millis(50),
-        || node2.state() == PRIM,
-    )
-    .unwrap_or_else(|error| panic!("{error}\n{}\n{}", node1.diagnostics(), node2.diagnostics()));
+    rejoin(&node1, &node2);
     let failback = start.elapsed();
     assert!(
         node2
-            .log_file()
+            .module_log()
             .contains("Reintegration of node1 served from this node (incremental"),
         "{}",
         node2.diagnostics()
     );
     assert_same_tree(
         "after the incremental reintegration",
-        &node2.tree(),
-        &node1.tree(),
+        &tree(&node2),
+        &tree(&node1),
     );
 
     // swap: roles exchanged without a resync; node1's writes reach node2 again.
     node2.safekit_ok(&format!("swap -m {MODULE}"));
     node1.wait_state(PRIM);
     node2.wait_state(SECOND);
-    node1.in_data("echo after-swap > swapped.txt");
-    assert_same_tree("after swap", &node1.tree(), &node2.tree());
+    in_data(&node1, "echo after-swap > swapped.txt");
+    assert_same_tree("after swap", &tree(&node1), &tree(&node2));
 
     eprintln!(
         "timings: first (full) reintegration to PRIM/SECOND {:.2} s, failover {:.2} s, failback (incremental) to PRIM/SECOND {:.2} s",
@@ -388,22 +241,13 @@ fn after_a_split_brain_the_loser_keeps_its_files_aside_and_resyncs_from_the_winn
         require_root(),
         "this scenario needs root (namespaces, FUSE mounts)"
     );
-    let cluster = Cluster::builder()
-        .nodes(2)
-        .private_dir(REPLICATED)
-        .build()
-        .expect("build the cluster");
-    let node1 = MirrorNode::install(cluster.node(1), &cluster);
-    let node2 = MirrorNode::install(cluster.node(2), &cluster);
-    let _agent1 = node1.start_agent();
-    let _agent2 = node2.start_agent();
-    node1.safekit_ok(&format!("prim -m {MODULE}"));
-    node1.wait_state(ALONE);
-    node1.in_data("echo base > shared.txt && mkdir dir && echo inner > dir/inner.txt");
-    // As an operator would, check that node2 sees node1 primary before `second`.
-    node2.wait_peer("node1 ALONE");
-    node2.safekit_ok(&format!("second -m {MODULE}"));
-    node2.wait_state(SECOND);
+    let cluster = two_nodes();
+    let ([node1, node2], _agents) = module().start_on(&cluster);
+    pair_up_with_data(
+        &node1,
+        &node2,
+        "echo base > shared.txt && mkdir dir && echo inner > dir/inner.txt",
+    );
     node1.wait_state(PRIM);
 
     // node1's cable is pulled: both run ALONE and both change the data.
@@ -413,34 +257,21 @@ fn after_a_split_brain_the_loser_keeps_its_files_aside_and_resyncs_from_the_winn
     node2.wait_state(ALONE);
     node1.wait_state(ALONE);
     for node in [&node1, &node2] {
-        let name = node.node.name();
-        node.in_data(&format!(
-            "echo {name} > only-on-{name}.txt && echo {name} >> shared.txt"
-        ));
+        let name = node.name();
+        in_data(
+            node,
+            &format!("echo {name} > only-on-{name}.txt && echo {name} >> shared.txt"),
+        );
     }
 
     // Healed: one side stays primary, the other keeps its data aside and resyncs.
     cluster
         .link_up(cluster.node(1), 0)
         .expect("plug node1 back");
-    wait_until(
-        "one PRIM and one SECOND after the split brain",
-        STATE_WAIT,
-        Duration::from_millis(50),
-        || {
-            let states = [node1.state(), node2.state()];
-            states == [PRIM, SECOND] || states == [SECOND, PRIM]
-        },
-    )
-    .unwrap_or_else(|error| panic!("{error}\n{}\n{}", node1.diagnostics(), node2.diagnostics()));
-    let (winner, loser) = if node1.state() == PRIM {
-        (&node1, &node2)
-    } else {
-        (&node2, &node1)
-    };
-    let (winner_name, loser_name) = (winner.node.name(), loser.node.name());
-    assert_same_tree("after the split brain", &winner.tree(), &loser.tree());
-    let listing = loser.tree();
+    let (winner, loser) = wait_one_primary(&node1, &node2);
+    let (winner_name, loser_name) = (winner.name(), loser.name());
+    assert_same_tree("after the split brain", &tree(winner), &tree(loser));
+    let listing = tree(loser);
     assert!(
         listing.contains(&format!("only-on-{winner_name}.txt"))
             && !listing.contains(&format!("only-on-{loser_name}.txt")),
@@ -448,7 +279,7 @@ fn after_a_split_brain_the_loser_keeps_its_files_aside_and_resyncs_from_the_winn
     );
 
     // The log says where the loser's files went, and they are all there.
-    let log = loser.log_file();
+    let log = loser.module_log();
     let folder = log
         .lines()
         .find_map(|line| line.split_once("files changed here were moved to "))
@@ -485,25 +316,15 @@ fn a_reintegration_interrupted_by_a_killed_secondary_is_served_again_without_sta
         require_root(),
         "this scenario needs root (namespaces, FUSE mounts)"
     );
-    let cluster = Cluster::builder()
-        .nodes(2)
-        .private_dir(REPLICATED)
-        .build()
-        .expect("build the cluster");
-    let node1 = MirrorNode::install(cluster.node(1), &cluster);
-    let node2 = MirrorNode::install(cluster.node(2), &cluster);
-    let _agent1 = node1.start_agent();
-    let agent2 = node2.start_agent();
-    node1.safekit_ok(&format!("prim -m {MODULE}"));
-    node1.wait_state(ALONE);
+    let cluster = two_nodes();
+    let ([node1, node2], [_agent1, agent2]) = module().start_on(&cluster);
     const TOTAL: u64 = 8 * 1024 * 1024;
-    node1.in_data(&format!("head -c {TOTAL} /dev/urandom > big.bin && sync"));
-
     // node2 joins; its agent is killed once about half the data was sent.
-    // As an operator would, check that node2 sees node1 primary before `second`.
-    node2.wait_peer("node1 ALONE");
-    node2.safekit_ok(&format!("second -m {MODULE}"));
-    node2.wait_state(SECOND);
+    pair_up_with_data(
+        &node1,
+        &node2,
+        &format!("head -c {TOTAL} /dev/urandom > big.bin && sync"),
+    );
     let mut sent_before_kill = 0;
     wait_until(
         "half of the data sent",
@@ -521,22 +342,14 @@ fn a_reintegration_interrupted_by_a_killed_secondary_is_served_again_without_sta
 
     // The primary keeps running alone; node2 comes back and is served again.
     let _agent2_again = node2.start_agent();
-    node2.safekit_ok(&format!("start -m {MODULE}"));
-    node2.wait_state(SECOND);
-    wait_until(
-        "node1 PRIM after the resumed reintegration",
-        STATE_WAIT,
-        Duration::from_millis(50),
-        || node1.state() == PRIM,
-    )
-    .unwrap_or_else(|error| panic!("{error}\n{}\n{}", node1.diagnostics(), node2.diagnostics()));
+    rejoin(&node2, &node1);
     assert_same_tree(
         "after the resumed reintegration",
-        &node1.tree(),
-        &node2.tree(),
+        &tree(&node1),
+        &tree(&node2),
     );
 
-    let log = node1.log_file();
+    let log = node1.module_log();
     let served: Vec<u64> = log
         .lines()
         .filter(|line| line.contains("Reintegration of node2 served up to generation"))
@@ -587,31 +400,21 @@ fn a_primary_crashed_mid_write_is_resynced_from_its_activity_log_files_only() {
         "this scenario needs root (namespaces, FUSE mounts)"
     );
     const UNTOUCHED: u64 = 300;
-    let cluster = Cluster::builder()
-        .nodes(2)
-        .private_dir(REPLICATED)
-        .build()
-        .expect("build the cluster");
-    let node1 = MirrorNode::install(cluster.node(1), &cluster);
-    let node2 = MirrorNode::install(cluster.node(2), &cluster);
-    let _agent1 = node1.start_agent();
-    let _agent2 = node2.start_agent();
-    node1.safekit_ok(&format!("prim -m {MODULE}"));
-    node1.wait_state(ALONE);
-    node1.in_data(&format!(
-        "mkdir bulk hot && for i in $(seq 1 {UNTOUCHED}); do echo \"untouched $i\" > bulk/f$i; done && sync"
-    ));
-    node2.wait_peer("node1 ALONE");
-    node2.safekit_ok(&format!("second -m {MODULE}"));
-    node2.wait_state(SECOND);
-    wait_until(
+    let cluster = two_nodes();
+    let ([node1, node2], _agents) = module().start_on(&cluster);
+    pair_up_with_data(
+        &node1,
+        &node2,
+        &format!(
+            "mkdir bulk hot && for i in $(seq 1 {UNTOUCHED}); do echo \"untouched $i\" > bulk/f$i; done && sync"
+        ),
+    );
+    wait_for_all(
+        &[&node1, &node2],
         "node1 PRIM after the first reintegration",
-        STATE_WAIT,
-        Duration::from_millis(50),
         || node1.state() == PRIM,
-    )
-    .unwrap_or_else(|error| panic!("{error}\n{}\n{}", node1.diagnostics(), node2.diagnostics()));
-    let full_files = last_served_files(&node1.log_file(), "node2");
+    );
+    let full_files = last_served_files(&node1.module_log(), "node2");
     assert!(
         full_files.is_some_and(|files| files >= UNTOUCHED),
         "the first (full) reintegration counts the whole tree: {full_files:?}\n{}",
@@ -626,58 +429,51 @@ fn a_primary_crashed_mid_write_is_resynced_from_its_activity_log_files_only() {
              for k in 1 2 3; do printf 'iteration %s of w%s\\n' \"$i\" \"$k\" > hot/w$k; done; done"
         ))
         .expect("start the writer");
-    wait_until(
+    wait_for_all(
+        &[&node1, &node2],
         "the writer's appends replicated to node2",
-        STATE_WAIT,
-        Duration::from_millis(50),
         || {
             node2
-                .node
+                .node()
                 .run(format!("wc -l < {REPLICATED}/hot/appended"))
                 .ok()
                 .and_then(|output| output.stdout.trim().parse::<u64>().ok())
                 .is_some_and(|lines| lines >= 100)
         },
-    )
-    .unwrap_or_else(|error| panic!("{error}\n{}\n{}", node1.diagnostics(), node2.diagnostics()));
+    );
 
     // Power cut of node1 mid-write: node2 takes over with what it acknowledged.
     cluster.node(1).crash().expect("crash node1");
     node2.wait_state(ALONE);
-    let survivor = node2.tree();
+    let survivor = tree(&node2);
 
     // node1 reboots; its disk holds writes node2 never received.
     cluster.node(1).reboot().expect("reboot node1");
-    node1.in_data("printf 'applied, never shipped\\n' >> hot/appended && printf 'rewritten, never shipped\\n' > hot/w2");
+    in_data(
+        &node1,
+        "printf 'applied, never shipped\\n' >> hot/appended && printf 'rewritten, never shipped\\n' > hot/w2",
+    );
     assert_ne!(
-        node1.tree(),
+        tree(&node1),
         survivor,
         "node1's tree differs from node2's before the reintegration"
     );
     let _agent1_again = node1.start_agent();
-    node1.safekit_ok(&format!("start -m {MODULE}"));
-    node1.wait_state(SECOND);
-    wait_until(
-        "node2 PRIM after node1's reintegration",
-        STATE_WAIT,
-        Duration::from_millis(50),
-        || node2.state() == PRIM,
-    )
-    .unwrap_or_else(|error| panic!("{error}\n{}\n{}", node1.diagnostics(), node2.diagnostics()));
+    rejoin(&node1, &node2);
     assert_eq!(node1.state(), SECOND, "{}", node1.diagnostics());
     assert_same_tree(
         "after the reintegration of the crashed primary",
         &survivor,
-        &node1.tree(),
+        &tree(&node1),
     );
     assert_same_tree(
         "node2 unchanged by the reintegration",
         &survivor,
-        &node2.tree(),
+        &tree(&node2),
     );
 
     // An incremental run over a handful of files, not the tree.
-    let log = node2.log_file();
+    let log = node2.module_log();
     assert!(
         log.contains("Reintegration of node1 served from this node (incremental"),
         "{}",
