@@ -66,6 +66,14 @@ pub enum DataPathEvent {
     },
     /// The replication connection to the peer broke (send timeout, reset).
     PeerLost,
+    /// Something the module log must show (a write that bypassed the
+    /// interceptor, a heal of the replica); no state change.
+    Notice {
+        /// Logged as critical rather than as an event.
+        critical: bool,
+        /// The line.
+        message: String,
+    },
 }
 
 /// Counters for `safekit state -v`.
@@ -133,6 +141,12 @@ pub trait DataPath: Send + std::fmt::Debug {
 
     /// Current counters.
     fn stats(&self) -> DataPathStats;
+
+    /// Tells whether the module is PRIM (its peer an in-sync SECOND), after
+    /// every event the runner handled. A data path may then repair the
+    /// peer's replica on its own (the Linux one heals writes that bypassed
+    /// its mount); the default ignores it.
+    fn set_peer_in_sync(&mut self, _in_sync: bool) {}
 }
 
 /// The data path of a module without `<rfs>`: nothing is replicated.
@@ -266,6 +280,22 @@ pub fn diverged_stamp(time: std::time::SystemTime) -> String {
 ///   it listens;
 /// - off: nothing mounted, nothing listening, no engine.
 ///
+/// The guard (`safekit_linux_helper::guard`, `<rfs guard="record|deny|off">`,
+/// default `record`): on a primary, a fanotify [`PrimaryGuard`] is
+/// engaged on the underlying directories after they are opened and before
+/// the mount goes over them; a write that reaches them without the mount (a
+/// descriptor opened before the mount, another mount of the file system) is
+/// recorded in the dirty log, logged (tracing and module log), counted in
+/// `state -v`, and healed on the peer while the module is PRIM by an
+/// incremental pass of the resync engine over the dirty log (before that,
+/// the next reintegration compares it). On a secondary, [`SecondaryGuard`]
+/// makes the directories read-only for applications once the receiver has
+/// opened its descriptors (leftovers of a crash removed first); it is
+/// released before mounting (becoming primary) and when going off.
+///
+/// [`PrimaryGuard`]: safekit_linux_helper::guard::PrimaryGuard
+/// [`SecondaryGuard`]: safekit_linux_helper::guard::SecondaryGuard
+///
 /// Setting diverged files aside moves the whole current content of each
 /// replicated directory into `SAFEVAR/modules/<AM>/diverged/<YYYYmmdd-HHMMSS>/<dir name>`
 /// (simple and honest: a full resync follows and restores the primary's
@@ -278,14 +308,17 @@ pub mod linux {
     use std::net::SocketAddr;
     use std::os::fd::OwnedFd;
     use std::path::{Path, PathBuf};
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
     use std::time::{Duration, Instant};
 
     use safekit_core::cluster::{GenerationId, ReplicationRole, ResyncKind};
     use safekit_linux_helper::activity::{ActivityLog, StreamPosition};
     use safekit_linux_helper::dirty::DirtyLog;
     use safekit_linux_helper::fs::{FsOptions, SyncMode};
+    use safekit_linux_helper::guard::{
+        GuardEvent, GuardPolicy, GuardStats, PrimaryGuard, PrimaryGuardOptions, SecondaryGuard,
+    };
     use safekit_linux_helper::mount::{self, CHECKPOINT_INTERVAL, MountConfig, MountedDir};
     use safekit_linux_helper::replicator::Replicator;
     use safekit_linux_helper::resync::{
@@ -303,6 +336,13 @@ pub mod linux {
 
     /// Files the activity log keeps hot before it evicts settled ones.
     const ACTIVITY_FILES: usize = 1024;
+
+    /// How long the healer waits for more guard reports before it heals
+    /// (a burst of bypass writes is healed in one pass).
+    const HEAL_QUIET: Duration = Duration::from_millis(300);
+
+    /// How long the healer waits after a failed heal before it tries again.
+    const HEAL_RETRY: Duration = Duration::from_secs(2);
 
     /// What the Linux data path of one module needs.
     #[derive(Debug, Clone)]
@@ -331,6 +371,9 @@ pub mod linux {
         pub resync_bandwidth: Option<u64>,
         /// `<rfs reitimeout>`: how long the engine waits for one answer of the receiver.
         pub resync_timeout: Duration,
+        /// `<rfs guard>` (our extension): the primary guard's policy (the
+        /// secondary's read-only guard goes with either); `None`: no guard.
+        pub guard: Option<GuardPolicy>,
     }
 
     /// A reintegration being served.
@@ -356,6 +399,66 @@ pub mod linux {
         activity: Option<Arc<ActivityLog>>,
         receiver: Option<Receiver>,
         serving: Option<ServeJob>,
+        /// Secondary: the replicated directories made read-only for applications.
+        secondary_guard: Option<SecondaryGuard>,
+        /// Primary: the fanotify guard of the underlying directories and its healer.
+        primary_guard: Option<Guarding>,
+        /// Primary: the peer's replica equals ours but for what the dirty log
+        /// holds (the module is PRIM: its peer is an in-sync SECOND; cleared
+        /// at once when the replication connection breaks). Heals run only
+        /// then: otherwise the dirty log is the next reintegration's.
+        in_sync: Arc<AtomicBool>,
+        /// The last [`DataPath::set_peer_in_sync`] (stored in `in_sync` when it changes).
+        peer_in_sync: bool,
+        /// Held by every engine run (serve or heal): one at a time.
+        engine_lock: Arc<Mutex<()>>,
+        /// Heal counters, kept across role changes.
+        heals: Arc<HealStats>,
+    }
+
+    /// A running primary guard and the thread that logs its reports and heals.
+    #[derive(Debug)]
+    struct Guarding {
+        guard: PrimaryGuard,
+        policy: GuardPolicy,
+        stats: Arc<GuardStats>,
+        stop: Arc<AtomicBool>,
+        /// The heal running now, to stop it.
+        running: Arc<Mutex<Option<ResyncHandle>>>,
+        healer: Option<std::thread::JoinHandle<()>>,
+    }
+
+    impl Guarding {
+        fn stop(mut self) {
+            self.stop.store(true, Ordering::SeqCst);
+            if let Some(handle) = lock(&self.running).as_ref() {
+                handle.stop();
+            }
+            // Stopping the guard closes its report channel: the healer sees it too.
+            self.guard.stop();
+            if let Some(healer) = self.healer.take()
+                && healer.join().is_err()
+            {
+                tracing::error!("the guard's healer thread panicked");
+            }
+        }
+    }
+
+    /// What `safekit state -v` shows of the heals.
+    #[derive(Debug, Default)]
+    struct HealStats {
+        /// Heal passes completed.
+        completed: AtomicU64,
+        /// Heal passes failed.
+        failed: AtomicU64,
+        /// Bypass writes reported and not healed yet.
+        pending: AtomicU64,
+    }
+
+    fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+        mutex
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn status(progress: &ResyncProgress) -> ResyncProgressStatus {
@@ -389,7 +492,148 @@ pub mod linux {
                 activity: None,
                 receiver: None,
                 serving: None,
+                secondary_guard: None,
+                primary_guard: None,
+                in_sync: Arc::new(AtomicBool::new(false)),
+                peer_in_sync: false,
+                engine_lock: Arc::new(Mutex::new(())),
+                heals: Arc::new(HealStats::default()),
             }
+        }
+
+        fn dir_paths(&self) -> Vec<&Path> {
+            self.config.dirs.iter().map(PathBuf::as_path).collect()
+        }
+
+        /// Makes the replicated directories writable again (secondary guard off).
+        fn release_secondary_guard(&mut self) {
+            if let Some(mut guard) = self.secondary_guard.take()
+                && let Err(error) = guard.release()
+            {
+                tracing::error!(module = %self.config.module, %error, "cannot release the read-only guard of the replicated directories");
+                self.notice(
+                    true,
+                    format!("Cannot make the replicated directories writable again: {error}"),
+                );
+            }
+        }
+
+        /// Opens a replicated directory itself (what a mount or the receiver
+        /// works beneath): the dead FUSE mount of a crashed run is detached,
+        /// then the read-only guard mounts left by a crashed secondary.
+        fn open_dir(dir: &Path) -> Result<OwnedFd, String> {
+            mount::recover_stale_mount(dir).map_err(|error| error.to_string())?;
+            SecondaryGuard::remove_leftovers(&[dir]).map_err(|error| error.to_string())?;
+            mount::open_underlying(dir).map_err(|error| error.to_string())
+        }
+
+        fn set_in_sync(&mut self, in_sync: bool) {
+            self.peer_in_sync = in_sync;
+            self.in_sync.store(in_sync, Ordering::SeqCst);
+        }
+
+        fn notice(&self, critical: bool, message: String) {
+            let _ = self
+                .events
+                .send(DataPathEvent::Notice { critical, message });
+        }
+
+        fn stop_primary_guard(&mut self) {
+            if let Some(guarding) = self.primary_guard.take() {
+                guarding.stop();
+            }
+        }
+
+        /// Engages the fanotify guard on the underlying directories (opened,
+        /// not yet mounted over) and starts its healer. A guard the kernel
+        /// refuses is reported, and the primary runs unguarded.
+        fn engage_primary_guard(&mut self, sender: &Arc<Sender>) {
+            let Some(policy) = self.config.guard else {
+                return;
+            };
+            if self.primary_guard.is_some() {
+                return;
+            }
+            let dirs: Vec<(u16, std::os::fd::BorrowedFd<'_>)> = self
+                .sources
+                .iter()
+                .enumerate()
+                .filter_map(|(index, fd)| {
+                    u16::try_from(index)
+                        .ok()
+                        .map(|index| (index, std::os::fd::AsFd::as_fd(fd)))
+                })
+                .collect();
+            let options = PrimaryGuardOptions {
+                policy,
+                ..PrimaryGuardOptions::default()
+            };
+            let (guard, reports) = match PrimaryGuard::engage(
+                &dirs,
+                Arc::clone(sender.dirty_log()),
+                options,
+            ) {
+                Ok(engaged) => engaged,
+                Err(error) => {
+                    tracing::error!(module = %self.config.module, %error, "the replicated directories are not guarded");
+                    self.notice(
+                        true,
+                        format!("Writes bypassing the replication are not detected: {error}"),
+                    );
+                    return;
+                }
+            };
+            let sources = match self
+                .sources
+                .iter()
+                .map(OwnedFd::try_clone)
+                .collect::<Result<Vec<_>, _>>()
+            {
+                Ok(sources) => sources,
+                Err(error) => {
+                    tracing::error!(module = %self.config.module, %error, "cannot keep the replicated directories for healing");
+                    Vec::new()
+                }
+            };
+            let stats = guard.stats();
+            let stop = Arc::new(AtomicBool::new(false));
+            let running = Arc::new(Mutex::new(None));
+            let healer = Healer {
+                module: self.config.module.clone(),
+                dirs: self.config.dirs.clone(),
+                reports,
+                guard_stats: Arc::clone(&stats),
+                sender: Arc::clone(sender),
+                sources,
+                locks: Arc::clone(&self.locks),
+                cursor: self.beside_dirty_log("heal.cursor"),
+                workers: self.config.resync_workers.max(1),
+                request_timeout: self.config.resync_timeout,
+                in_sync: Arc::clone(&self.in_sync),
+                engine_lock: Arc::clone(&self.engine_lock),
+                stop: Arc::clone(&stop),
+                running: Arc::clone(&running),
+                heals: Arc::clone(&self.heals),
+                events: self.events.clone(),
+            };
+            let healer = match std::thread::Builder::new()
+                .name(format!("guard-heal-{}", self.config.module))
+                .spawn(move || healer.run())
+            {
+                Ok(thread) => Some(thread),
+                Err(error) => {
+                    tracing::error!(module = %self.config.module, %error, "cannot start the guard's healer: bypass writes wait for the next reintegration");
+                    None
+                }
+            };
+            self.primary_guard = Some(Guarding {
+                guard,
+                stats,
+                stop,
+                running,
+                healer,
+                policy,
+            });
         }
 
         fn role_error(role: ReplicationRole, reason: impl ToString) -> DataPathError {
@@ -416,13 +660,16 @@ pub mod linux {
 
         fn unmount_all(&mut self) {
             self.stop_serving();
-            self.sources.clear();
+            self.set_in_sync(false);
             for mounted in self.mounts.drain(..) {
                 let path = mounted.path().to_path_buf();
                 if let Err(error) = mounted.unmount() {
                     tracing::error!(path = %path.display(), %error, "unmount failed");
                 }
             }
+            // After the unmount: writes through the mount until then are the daemon's.
+            self.stop_primary_guard();
+            self.sources.clear();
             self.activity = None;
         }
 
@@ -475,6 +722,7 @@ pub mod linux {
                 })?);
             let reports = sender.subscribe();
             let events = self.events.clone();
+            let in_sync = Arc::clone(&self.in_sync);
             std::thread::Builder::new()
                 .name(format!("repl-events-{}", self.config.module))
                 .spawn(move || {
@@ -482,6 +730,7 @@ pub mod linux {
                     while let Ok(report) = reports.recv() {
                         match report {
                             ReplicationEvent::PeerLost { reason } => {
+                                in_sync.store(false, Ordering::SeqCst);
                                 tracing::warn!(%reason, "replication peer lost");
                                 if events.send(DataPathEvent::PeerLost).is_err() {
                                     return;
@@ -508,6 +757,11 @@ pub mod linux {
 
         fn become_primary(&mut self, role: ReplicationRole) -> Result<(), DataPathError> {
             self.receiver = None;
+            // The read-only guard goes before the mount goes over the directory.
+            self.release_secondary_guard();
+            if role != ReplicationRole::Primary {
+                self.set_in_sync(false);
+            }
             if role == ReplicationRole::Alone {
                 // Only a replicating sender can carry a resync.
                 self.stop_serving();
@@ -519,8 +773,22 @@ pub mod linux {
                 Role::Alone
             });
             if self.mounts.is_empty() {
+                self.stop_primary_guard();
                 self.sources.clear();
                 let activity = self.open_activity(role, &sender)?;
+                // The engine and the guard read beneath the mount: open the
+                // directories before mounting over them, and engage the guard
+                // before the application can use the mount.
+                for dir in &self.config.dirs {
+                    match Self::open_dir(dir) {
+                        Ok(source) => self.sources.push(source),
+                        Err(reason) => {
+                            self.unmount_all();
+                            return Err(Self::role_error(role, reason));
+                        }
+                    }
+                }
+                self.engage_primary_guard(&sender);
                 for (index, dir) in self.config.dirs.iter().enumerate() {
                     let options = FsOptions {
                         dir_index: u16::try_from(index).map_err(|_| {
@@ -530,28 +798,19 @@ pub mod linux {
                         replicate_xattrs: self.config.replicate_xattrs,
                     };
                     let replicator: Arc<dyn Replicator> = sender.clone();
-                    // The engine reads beneath the mount: open the directory before mounting over it.
-                    let source =
-                        mount::recover_stale_mount(dir).and_then(|_| mount::open_underlying(dir));
-                    let mounted = source.and_then(|source| {
-                        mount::mount_over_with(
-                            dir,
-                            replicator,
-                            MountConfig {
-                                fs: options,
-                                locks: Some(Arc::clone(&self.locks)),
-                                activity_log: Some(Arc::clone(&activity)),
-                                // One checkpoint thread for the module's log: the first mount's.
-                                checkpoint_interval: (index == 0).then_some(CHECKPOINT_INTERVAL),
-                            },
-                        )
-                        .map(|mounted| (source, mounted))
-                    });
+                    let mounted = mount::mount_over_with(
+                        dir,
+                        replicator,
+                        MountConfig {
+                            fs: options,
+                            locks: Some(Arc::clone(&self.locks)),
+                            activity_log: Some(Arc::clone(&activity)),
+                            // One checkpoint thread for the module's log: the first mount's.
+                            checkpoint_interval: (index == 0).then_some(CHECKPOINT_INTERVAL),
+                        },
+                    );
                     match mounted {
-                        Ok((source, mounted)) => {
-                            self.sources.push(source);
-                            self.mounts.push(mounted);
-                        }
+                        Ok(mounted) => self.mounts.push(mounted),
                         Err(error) => {
                             self.unmount_all();
                             return Err(Self::role_error(role, error));
@@ -566,15 +825,16 @@ pub mod linux {
             self.unmount_all();
             self.sender = None;
             if self.receiver.is_some() {
+                // Released meanwhile (diverged files set aside)?
+                self.engage_secondary_guard();
                 return Ok(());
             }
             let role = ReplicationRole::Secondary;
+            // The receiver's descriptors must be on the writable mount.
+            self.release_secondary_guard();
             let mut dirs = Vec::new();
             for dir in &self.config.dirs {
-                mount::recover_stale_mount(dir).map_err(|error| Self::role_error(role, error))?;
-                dirs.push(
-                    mount::open_underlying(dir).map_err(|error| Self::role_error(role, error))?,
-                );
+                dirs.push(Self::open_dir(dir).map_err(|reason| Self::role_error(role, reason))?);
             }
             let activity = self.beside_dirty_log("activity");
             let receiver = match ActivityLog::load(&activity) {
@@ -603,7 +863,26 @@ pub mod linux {
                 Self::role_error(role, format!("listen on {}: {error}", self.config.local))
             })?;
             self.receiver = Some(receiver);
+            self.engage_secondary_guard();
             Ok(())
+        }
+
+        /// Once the receiver's descriptors are open, makes the paths read-only
+        /// for applications (a refusal is reported; the secondary runs unguarded).
+        fn engage_secondary_guard(&mut self) {
+            if self.secondary_guard.is_some() || self.config.guard.is_none() {
+                return;
+            }
+            match SecondaryGuard::engage(&self.dir_paths()) {
+                Ok(guard) => self.secondary_guard = Some(guard),
+                Err(error) => {
+                    tracing::error!(module = %self.config.module, %error, "the replica is not read-only for applications");
+                    self.notice(
+                        true,
+                        format!("The replicated directories are not read-only on this secondary: {error}"),
+                    );
+                }
+            }
         }
 
         /// The engine's kind: incremental covers the dirty log, plus the activity
@@ -690,6 +969,7 @@ pub mod linux {
                     self.unmount_all();
                     self.sender = None;
                     self.receiver = None;
+                    self.release_secondary_guard();
                     Ok(())
                 }
                 ReplicationRole::Primary | ReplicationRole::Alone => self.become_primary(role),
@@ -725,6 +1005,12 @@ pub mod linux {
                 }
             };
             self.stop_serving();
+            self.set_in_sync(false);
+            if let Some(guarding) = &self.primary_guard
+                && let Some(heal) = lock(&guarding.running).as_ref()
+            {
+                heal.stop();
+            }
             let sources = self
                 .sources
                 .iter()
@@ -754,10 +1040,14 @@ pub mod linux {
             let events = self.events.clone();
             let stop = Arc::clone(&cancelled);
             let activity = self.activity.clone();
+            let engine_lock = Arc::clone(&self.engine_lock);
             std::thread::Builder::new()
                 .name(format!("resync-{}", self.config.module))
                 .spawn(move || {
-                    let outcome = serve(&engine, &sender, engine_kind, &stop);
+                    let outcome = {
+                        let _one_engine = lock(&engine_lock);
+                        serve(&engine, &sender, engine_kind, &stop)
+                    };
                     let progress = engine.handle().progress();
                     let event = match outcome {
                         Ok(ResyncOutcome::Completed { stats }) => {
@@ -806,6 +1096,8 @@ pub mod linux {
                     "the replicated directories are still mounted".into(),
                 ));
             }
+            // Moving needs the paths writable; going SECOND engages the guard again.
+            self.release_secondary_guard();
             let stamp = diverged_stamp(std::time::SystemTime::now());
             let base = self.beside_dirty_log("diverged").join(&stamp);
             let mut kept = None;
@@ -833,6 +1125,13 @@ pub mod linux {
                 }
             }
             Ok(kept)
+        }
+
+        fn set_peer_in_sync(&mut self, in_sync: bool) {
+            let in_sync = in_sync && self.role == Some(ReplicationRole::Primary);
+            if in_sync != self.peer_in_sync {
+                self.set_in_sync(in_sync);
+            }
         }
 
         fn stats(&self) -> DataPathStats {
@@ -872,6 +1171,37 @@ pub mod linux {
                 details.push((
                     "resync engine".into(),
                     format!("attempt {:016x}: {:?}", job.attempt, progress.stats),
+                ));
+            }
+            if let Some(guarding) = &self.primary_guard {
+                let stats = &guarding.stats;
+                details.push((
+                    "guard".into(),
+                    format!(
+                        "{}, bypass writes {}, denied {}, not healed yet {}, heals {} (failed {}), lost events {}, unresolved {}",
+                        guarding.policy,
+                        stats.bypass_writes.load(Ordering::Relaxed),
+                        stats.denied.load(Ordering::Relaxed),
+                        self.heals.pending.load(Ordering::Relaxed),
+                        self.heals.completed.load(Ordering::Relaxed),
+                        self.heals.failed.load(Ordering::Relaxed),
+                        stats.overflows.load(Ordering::Relaxed),
+                        stats.unresolved.load(Ordering::Relaxed),
+                    ),
+                ));
+            }
+            if let Some(guard) = &self.secondary_guard {
+                details.push((
+                    "guard".into(),
+                    format!(
+                        "read-only for applications: {}",
+                        guard
+                            .dirs()
+                            .iter()
+                            .map(|dir| dir.display().to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
                 ));
             }
             if let Some(log) = &self.activity {
@@ -922,6 +1252,164 @@ pub mod linux {
     impl Drop for LinuxDataPath {
         fn drop(&mut self) {
             self.unmount_all();
+            self.release_secondary_guard();
+        }
+    }
+
+    /// The primary guard's reports, logged, and the heals they call for.
+    ///
+    /// A bypass write is in the dirty log (the guard recorded it) but not on
+    /// the peer. While the module is PRIM (`in_sync`: the peer is an in-sync
+    /// SECOND), the healer runs an incremental resync of the dirty log's
+    /// files once the reports pause, which ships what differs and clears the
+    /// log (the engine runs beside live writes, one engine at a time through
+    /// `engine_lock`). Otherwise the file waits in the dirty log for the next
+    /// reintegration, which compares it. A heal that fails is retried; the
+    /// file stays in the dirty log meanwhile.
+    struct Healer {
+        module: String,
+        dirs: Vec<PathBuf>,
+        reports: std::sync::mpsc::Receiver<GuardEvent>,
+        guard_stats: Arc<GuardStats>,
+        sender: Arc<Sender>,
+        sources: Vec<OwnedFd>,
+        locks: Arc<FileLocks>,
+        cursor: PathBuf,
+        workers: usize,
+        request_timeout: Duration,
+        in_sync: Arc<AtomicBool>,
+        engine_lock: Arc<Mutex<()>>,
+        stop: Arc<AtomicBool>,
+        running: Arc<Mutex<Option<ResyncHandle>>>,
+        heals: Arc<HealStats>,
+        events: UnboundedSender<DataPathEvent>,
+    }
+
+    impl Healer {
+        fn run(self) {
+            use std::sync::mpsc::RecvTimeoutError;
+            let mut healed_writes = 0;
+            let mut retry_at: Option<Instant> = None;
+            loop {
+                if self.stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                match self.reports.recv_timeout(HEAL_QUIET) {
+                    Ok(event) => {
+                        self.report(&event);
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+                // Counted by the guard even when a report was dropped.
+                let writes = self.guard_stats.bypass_writes.load(Ordering::SeqCst)
+                    + self.guard_stats.overflows.load(Ordering::SeqCst);
+                self.heals
+                    .pending
+                    .store(writes.saturating_sub(healed_writes), Ordering::Relaxed);
+                if writes == healed_writes
+                    || retry_at.is_some_and(|at| Instant::now() < at)
+                    || !self.in_sync.load(Ordering::SeqCst)
+                    || !self.sender.stats().connected
+                {
+                    continue;
+                }
+                match self.heal() {
+                    Some(true) => {
+                        healed_writes = writes;
+                        retry_at = None;
+                        self.heals.completed.fetch_add(1, Ordering::Relaxed);
+                        self.heals.pending.store(0, Ordering::Relaxed);
+                    }
+                    Some(false) => {
+                        retry_at = Some(Instant::now() + HEAL_RETRY);
+                        self.heals.failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    // Not in sync any more: the reintegration covers it.
+                    None => {}
+                }
+            }
+        }
+
+        fn report(&self, event: &GuardEvent) {
+            let dir = self.dirs.get(usize::from(event.dir)).map_or_else(
+                || format!("#{}", event.dir),
+                |dir| dir.display().to_string(),
+            );
+            let path = String::from_utf8_lossy(&event.path.to_bytes()).into_owned();
+            let lost = event.pid == 0 && event.path.components().is_empty();
+            if lost {
+                tracing::warn!(module = %self.module, %dir, "guard events lost: the next heal compares the whole directory");
+            } else {
+                tracing::warn!(module = %self.module, %dir, %path, pid = event.pid, denied = event.denied, "write bypassing the replication");
+            }
+            let message = if event.denied {
+                format!(
+                    "Guard: process {} was refused the opening of {dir}/{path} beneath the replication",
+                    event.pid
+                )
+            } else if lost {
+                format!(
+                    "Guard: events lost under {dir}; the replica is compared whole at the next heal"
+                )
+            } else {
+                format!(
+                    "Guard: process {} wrote {dir}/{path} bypassing the replication; the replica is out of sync for it until healed",
+                    event.pid
+                )
+            };
+            let _ = self.events.send(DataPathEvent::Notice {
+                critical: true,
+                message,
+            });
+        }
+
+        /// One incremental pass over the dirty log; `None` when the peer is not in sync.
+        fn heal(&self) -> Option<bool> {
+            let _one_engine = lock(&self.engine_lock);
+            if !self.in_sync.load(Ordering::SeqCst) || self.stop.load(Ordering::SeqCst) {
+                return None;
+            }
+            let sources = match self
+                .sources
+                .iter()
+                .map(OwnedFd::try_clone)
+                .collect::<Result<Vec<_>, _>>()
+            {
+                Ok(sources) if !sources.is_empty() => sources,
+                Ok(_) => return Some(false),
+                Err(error) => {
+                    tracing::error!(module = %self.module, %error, "cannot heal: replicated directory");
+                    return Some(false);
+                }
+            };
+            let mut config = ResyncConfig::new(self.cursor.clone());
+            config.workers = self.workers;
+            config.request_timeout = self.request_timeout;
+            let engine = ResyncEngine::new(
+                config,
+                Arc::clone(&self.sender),
+                sources,
+                Arc::clone(&self.locks),
+            );
+            *lock(&self.running) = Some(engine.handle());
+            let outcome = engine.run(EngineKind::Incremental { extra: Vec::new() });
+            *lock(&self.running) = None;
+            match outcome {
+                Ok(ResyncOutcome::Completed { stats }) => {
+                    tracing::info!(module = %self.module, ?stats, "writes bypassing the replication healed");
+                    let _ = self.events.send(DataPathEvent::Notice {
+                        critical: false,
+                        message: "Guard: the files written bypassing the replication are healed on the peer".into(),
+                    });
+                    Some(true)
+                }
+                Err(error) => {
+                    tracing::warn!(module = %self.module, %error, "heal of writes bypassing the replication failed; retried");
+                    Some(false)
+                }
+            }
         }
     }
 

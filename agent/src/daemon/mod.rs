@@ -336,7 +336,8 @@ fn data_path(
     #[cfg(feature = "linux-datapath")]
     if let Some(rfs) = &setup.config.service.rfs {
         use crate::datapath::linux::{LinuxDataPath, LinuxDataPathConfig};
-        use safekit_core::config::SyncMode;
+        use safekit_core::config::{RfsGuard, SyncMode};
+        use safekit_linux_helper::guard::GuardPolicy;
         // Replication runs on the `ident="flow"` heartbeat LAN (or the legacy
         // `<rfs><flow name>`), else on the first heartbeat LAN.
         let flow_index = rfs
@@ -379,6 +380,11 @@ fn data_path(
                 resync_workers: usize::try_from(rfs.nbrei).unwrap_or(6),
                 resync_bandwidth: rfs.reiallowedbw.map(|kbps| u64::from(kbps) * 1024),
                 resync_timeout: rfs.reitimeout,
+                guard: match rfs.guard {
+                    RfsGuard::Record => Some(GuardPolicy::Record),
+                    RfsGuard::Deny => Some(GuardPolicy::Deny),
+                    RfsGuard::Off => None,
+                },
             },
             events,
         ));

@@ -290,6 +290,14 @@ impl Runner {
                         .handle(self.now(), Event::ScriptFinished { script, success });
                     self.execute(actions, None).await;
                 }
+                Some(RunnerEvent::DataPath(DataPathEvent::Notice { critical, message })) => {
+                    let level = if critical {
+                        modlog::Level::Critical
+                    } else {
+                        modlog::Level::Event
+                    };
+                    self.modlog.log(level, message);
+                }
                 Some(RunnerEvent::DataPath(report)) => {
                     let event = match report {
                         DataPathEvent::ResyncProgress(percent) => Event::ResyncProgress { percent },
@@ -305,6 +313,8 @@ impl Runner {
                         DataPathEvent::ServeFailed { attempt, reason } => {
                             Event::ResyncServeFailed { attempt, reason }
                         }
+                        // Handled by the arm above.
+                        DataPathEvent::Notice { .. } => continue,
                     };
                     let actions = self.machine.handle(self.now(), event);
                     self.execute(actions, None).await;
@@ -312,6 +322,8 @@ impl Runner {
                 Some(RunnerEvent::Checker(observation)) => self.on_checker(observation).await,
             }
             self.start_if_stopstart().await;
+            self.datapath
+                .set_peer_in_sync(self.machine.state() == State::Prim);
             self.publish();
         }
     }

@@ -18,6 +18,10 @@
 //!   heartbeat timeout (validation warns otherwise). `sync_mode="write|fsync"`
 //!   (default `write`): `write` makes every write wait for the peer (the
 //!   durability contract); `fsync` makes only fsync/O_SYNC writes wait.
+//!   `guard="record|deny|off"` (default `record`): on the primary, writes
+//!   that bypass the replication are recorded and healed (`deny` also refuses
+//!   other processes the opening of the files beneath the mount); on the
+//!   secondary, the replica is read-only for applications; `off`: no guard.
 //! - Macros (`<macro name value/>` under `<safe>`) are expanded when parsing;
 //!   the model keeps the definitions and the expanded values. Environment
 //!   variables (`%SAFE%`...) are left as written: this crate does no I/O.
@@ -45,8 +49,8 @@ pub use userconfig::{
     AsyncMode, Boot, Check, Checker, CheckerAction, CheckerKind, CheckerTo, DefaultPrim, Errd,
     Failover, Farm, FarmLan, Filter, Flow, Group, Heart, Heartbeat, Host, Interface, LbRule,
     Loadbalancing, Logging, Macro, Mode, NotReplicated, NotReplicatedPattern, Proc, ProcAction,
-    Proto, RealInterface, Replicated, ReplicatedMode, Rfs, Service, SyncMode, ToCheck, User,
-    UserConfig, Var, Vhost, VhostWhen, Vip, VirtualAddr, VirtualHostName, VirtualInterface,
+    Proto, RealInterface, Replicated, ReplicatedMode, Rfs, RfsGuard, Service, SyncMode, ToCheck,
+    User, UserConfig, Var, Vhost, VhostWhen, Vip, VirtualAddr, VirtualHostName, VirtualInterface,
     VmacType, When, Where,
 };
 pub use userconfig_parse::parse_userconfig;

@@ -1169,3 +1169,33 @@ proptest! {
         let _ = parse_cluster("fuzz.xml", &text);
     }
 }
+
+#[test]
+fn the_rfs_guard_extension_parses_writes_back_and_rejects_unknown_values() {
+    let with = |guard: &str| {
+        format!(
+            r#"<safe><service mode="mirror"><heart><heartbeat name="default"/></heart><rfs{guard}><replicated dir="/d"/></rfs></service></safe>"#
+        )
+    };
+    let guard_of = |config: &UserConfig| config.service.rfs.as_ref().expect("rfs").guard;
+    assert_eq!(guard_of(&parse_ok(&with(""))), RfsGuard::Record);
+    for (word, guard) in RfsGuard::CHOICES {
+        let config = parse_ok(&with(&format!(r#" guard="{word}""#)));
+        assert_eq!(guard_of(&config), guard);
+        let written = config.to_xml();
+        assert_eq!(
+            written.contains(&format!(r#"guard="{word}""#)),
+            guard != RfsGuard::Record,
+            "only a guard other than the default is written: {written}"
+        );
+        assert_eq!(parse_ok(&written), config);
+    }
+    let errors = parse_userconfig("userconfig.xml", &with(r#" guard="refuse""#))
+        .expect_err("an unknown guard is rejected");
+    assert!(
+        render(&errors.diagnostics)
+            .contains("attribute guard: `refuse` is not valid: expected one of: record, deny, off"),
+        "{}",
+        render(&errors.diagnostics)
+    );
+}

@@ -477,9 +477,32 @@ impl SyncMode {
         [("write", SyncMode::Write), ("fsync", SyncMode::Fsync)];
 }
 
+/// Extension `guard`: what keeps the replicated directories from changing
+/// behind the replication's back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum RfsGuard {
+    /// Primary: writes that bypass the replication are recorded and healed on
+    /// the peer; secondary: the replica is read-only for applications.
+    #[default]
+    Record,
+    /// Like `record`, and on the primary processes other than the agent are
+    /// refused the opening of replicated files beneath the mount.
+    Deny,
+    /// No guard.
+    Off,
+}
+
+impl RfsGuard {
+    pub const CHOICES: [(&'static str, RfsGuard); 3] = [
+        ("record", RfsGuard::Record),
+        ("deny", RfsGuard::Deny),
+        ("off", RfsGuard::Off),
+    ];
+}
+
 /// `<rfs>`: file replication.
 ///
-/// Extensions (ours, not SafeKit's): `replication_timeout` and `sync_mode`.
+/// Extensions (ours, not SafeKit's): `replication_timeout`, `sync_mode` and `guard`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rfs {
     pub origin: Origin,
@@ -510,6 +533,8 @@ pub struct Rfs {
     pub replication_timeout: Duration,
     /// Extension: which operations wait for the peer; default `write`.
     pub sync_mode: SyncMode,
+    /// Extension: the guard of the replicated directories; default `record`.
+    pub guard: RfsGuard,
     pub replicated: Vec<Replicated>,
     /// Legacy `<flow name>`: the LAN carrying replication.
     pub flow: Option<Flow>,
@@ -534,6 +559,7 @@ impl Default for Rfs {
             nbremconn: 1,
             replication_timeout: Duration::from_secs(2),
             sync_mode: SyncMode::Write,
+            guard: RfsGuard::Record,
             replicated: Vec::new(),
             flow: None,
         }

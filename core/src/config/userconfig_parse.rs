@@ -556,6 +556,7 @@ fn read_rfs(reader: &mut Reader<'_, '_>, element: &XmlElement) -> Rfs {
             "nbremconn",
             "replication_timeout",
             "sync_mode",
+            "guard",
         ],
         &["replicated", "flow"],
         false,
@@ -662,6 +663,7 @@ fn read_rfs(reader: &mut Reader<'_, '_>, element: &XmlElement) -> Rfs {
             defaults.replication_timeout,
         ),
         sync_mode: reader.choice(element, "sync_mode", &SyncMode::CHOICES, defaults.sync_mode),
+        guard: reader.choice(element, "guard", &RfsGuard::CHOICES, defaults.guard),
         replicated,
         flow,
     }

@@ -12,8 +12,8 @@ use super::duration::format_duration;
 use super::userconfig::{
     AsyncMode, Boot, Check, Checker, CheckerAction, CheckerKind, DefaultPrim, Errd, Failover, Farm,
     Filter, Heart, Interface, Logging, Mode, NotReplicatedPattern, ProcAction, Proto, Replicated,
-    Rfs, Service, SyncMode, User, UserConfig, Vhost, VhostWhen, Vip, VirtualAddr, VmacType, When,
-    Where,
+    Rfs, RfsGuard, Service, SyncMode, User, UserConfig, Vhost, VhostWhen, Vip, VirtualAddr,
+    VmacType, When, Where,
 };
 
 /// An element being written.
@@ -390,6 +390,9 @@ fn write_rfs(rfs: &Rfs) -> Out {
     );
     if rfs.sync_mode != defaults.sync_mode {
         out.attr("sync_mode", choice_name(&SyncMode::CHOICES, rfs.sync_mode));
+    }
+    if rfs.guard != defaults.guard {
+        out.attr("guard", choice_name(&RfsGuard::CHOICES, rfs.guard));
     }
     out.children = rfs.replicated.iter().map(write_replicated).collect();
     if let Some(flow) = &rfs.flow {
