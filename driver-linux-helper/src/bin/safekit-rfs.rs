@@ -10,27 +10,42 @@
 //!   it is opened (a crash) stay hot until a resync covered them.
 //! - `safekit-rfs receive --dir PATH [--dir PATH2] --listen ADDR --secret-file F
 //!   --module NAME` is the secondary side: applies the primary's stream beneath
-//!   the directories until SIGTERM/SIGINT.
+//!   the directories until SIGTERM/SIGINT, and answers the primary's resync
+//!   requests (listings, block hashes).
+//! - `safekit-rfs resync --dir PATH [--dir PATH2] --peer ADDR --secret-file F
+//!   --module NAME --dirty-log FILE [--full] [--checksum] [--nbrei N]` runs one
+//!   reintegration of the (unmounted) directories to a peer's `receive`, prints
+//!   its counters on one `resync: key=value...` line and exits (benchmarks, manual repair).
+//! - `safekit-rfs dirty-add --dirty-log FILE [--dir-index N] PATH...` records
+//!   paths (relative to the replicated directory) in a dirty log, as the mount
+//!   does for changes made while the peer is absent (benchmarks, manual repair).
 //! - `safekit-rfs recover --dir PATH` detaches the stale mount a crashed helper
 //!   left (the mount command does this by itself too).
 //!
 //! [`ReplicatedFs`]: safekit_linux_helper::fs::ReplicatedFs
 
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use nix::sys::signal::{SigSet, Signal};
+use rustix::fs::{Mode, OFlags};
 use safekit_linux_helper::activity::{ActivityLog, StreamPosition};
 use safekit_linux_helper::control::{self, ControlRequest, ControlState};
 use safekit_linux_helper::fs::{FsOptions, FsStats, SyncMode};
 use safekit_linux_helper::mount::{self, MountConfig, MountedDir};
 use safekit_linux_helper::replicator::{ReplicationOff, Replicator};
+use safekit_linux_helper::resync::{
+    FileLocks, ResyncConfig, ResyncEngine, ResyncKind, ResyncOutcome,
+};
 use safekit_linux_helper::transport::{Role, Sender, SenderConfig};
+use safekit_protocol::replication::{RelPath, TouchedFile};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -114,6 +129,51 @@ enum Command {
         #[arg(long, default_value = "mirror")]
         module: String,
     },
+    /// Run one resync of the directories to a peer's `receive`, print its counters, exit.
+    Resync {
+        /// A replicated directory (same order as on the peer; not mounted meanwhile).
+        #[arg(long = "dir", required = true)]
+        dirs: Vec<PathBuf>,
+        /// The peer's replication address.
+        #[arg(long)]
+        peer: SocketAddr,
+        /// File holding the per-cluster secret.
+        #[arg(long)]
+        secret_file: PathBuf,
+        /// Module name (part of the peer authentication).
+        #[arg(long, default_value = "mirror")]
+        module: String,
+        /// The dirty log whose files an incremental resync compares (cleared on completion).
+        #[arg(long)]
+        dirty_log: PathBuf,
+        /// The resync cursor file (default: the dirty log's path with `.cursor` appended).
+        #[arg(long)]
+        cursor: Option<PathBuf>,
+        /// Compare the whole tree instead of the dirty log's files.
+        #[arg(long)]
+        full: bool,
+        /// With `--full`: compare the blocks of every file, not only of those whose size or mtime differ.
+        #[arg(long)]
+        checksum: bool,
+        /// Parallel file workers.
+        #[arg(long, default_value_t = 6)]
+        nbrei: usize,
+        /// Give up when the peer does not answer the connection within this many seconds.
+        #[arg(long, default_value_t = 20)]
+        connect_timeout_s: u64,
+    },
+    /// Record paths in a dirty log (as changes made while the peer was absent).
+    DirtyAdd {
+        /// The dirty log (created when missing).
+        #[arg(long)]
+        dirty_log: PathBuf,
+        /// The replicated directory index the paths are beneath.
+        #[arg(long, default_value_t = 0)]
+        dir_index: u16,
+        /// Paths relative to the replicated directory.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
     /// Detach the stale mount a crashed helper left on a directory.
     Recover {
         /// The directory.
@@ -191,18 +251,65 @@ fn main() -> anyhow::Result<()> {
             module,
         } => {
             let secret = read_secret(&secret_file)?;
-            let paths: Vec<&Path> = dirs.iter().map(PathBuf::as_path).collect();
-            let root = safekit_linux_helper::apply::ReplicaRoot::open(&paths)
-                .context("cannot open the replicated directories")?;
-            let receiver =
-                safekit_linux_helper::transport::Receiver::bind(listen, secret, module, root)
-                    .with_context(|| format!("cannot listen on {listen}"))?;
+            let fds = open_dirs(&dirs)?;
+            let receiver = safekit_linux_helper::transport::Receiver::bind_serving_resync(
+                listen, secret, module, fds,
+            )
+            .with_context(|| format!("cannot listen on {listen}"))?;
             tracing::info!(addr = %receiver.local_addr(), "receiving");
             let signal = stop_signals.wait().context("cannot wait for signals")?;
             tracing::info!(?signal, "stopping");
             drop(receiver);
             Ok(())
         }
+        Command::DirtyAdd {
+            dirty_log,
+            dir_index,
+            paths,
+        } => {
+            let log = safekit_linux_helper::dirty::DirtyLog::open(&dirty_log)
+                .with_context(|| format!("cannot open the dirty log {}", dirty_log.display()))?;
+            let files = paths
+                .iter()
+                .map(|path| {
+                    let rel = RelPath::parse(path.as_os_str().as_bytes())
+                        .with_context(|| format!("{} is not a relative path", path.display()))?;
+                    Ok(TouchedFile {
+                        dir: dir_index,
+                        path: rel,
+                        range: None,
+                    })
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let recorded = log
+                .record(&files)
+                .with_context(|| format!("cannot write the dirty log {}", dirty_log.display()))?;
+            println!("dirty-add: recorded={recorded} paths={}", files.len());
+            Ok(())
+        }
+        Command::Resync {
+            dirs,
+            peer,
+            secret_file,
+            module,
+            dirty_log,
+            cursor,
+            full,
+            checksum,
+            nbrei,
+            connect_timeout_s,
+        } => run_resync(ResyncArgs {
+            dirs,
+            peer,
+            secret_file,
+            module,
+            dirty_log,
+            cursor,
+            full,
+            checksum,
+            nbrei,
+            connect_timeout: Duration::from_secs(connect_timeout_s),
+        }),
         Command::Mount {
             dirs,
             mode,
@@ -339,6 +446,99 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `safekit-rfs resync`'s options.
+struct ResyncArgs {
+    dirs: Vec<PathBuf>,
+    peer: SocketAddr,
+    secret_file: PathBuf,
+    module: String,
+    dirty_log: PathBuf,
+    cursor: Option<PathBuf>,
+    full: bool,
+    checksum: bool,
+    nbrei: usize,
+    connect_timeout: Duration,
+}
+
+/// Connects a sender to the peer, runs one resync, prints its counters.
+fn run_resync(args: ResyncArgs) -> anyhow::Result<()> {
+    let secret = read_secret(&args.secret_file)?;
+    let source = open_dirs(&args.dirs)?;
+    let dirty = safekit_linux_helper::dirty::DirtyLog::open(&args.dirty_log)
+        .with_context(|| format!("cannot open the dirty log {}", args.dirty_log.display()))?;
+    let mut sender_config = SenderConfig::new(args.peer, secret, args.module, Arc::new(dirty));
+    sender_config.replication_timeout = Duration::from_secs(10);
+    let sender =
+        Arc::new(Sender::new(sender_config).context("cannot start the replication sender")?);
+    let connect_start = Instant::now();
+    while !sender.stats().connected {
+        if connect_start.elapsed() > args.connect_timeout {
+            bail!(
+                "no connection to {} within {:?}",
+                args.peer,
+                args.connect_timeout
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let cursor = args.cursor.unwrap_or_else(|| {
+        let mut name = args.dirty_log.clone().into_os_string();
+        name.push(".cursor");
+        PathBuf::from(name)
+    });
+    let mut config = ResyncConfig::new(cursor);
+    config.workers = args.nbrei.max(1);
+    config.checksum_all = args.checksum;
+    let engine = ResyncEngine::new(
+        config,
+        Arc::clone(&sender),
+        source,
+        Arc::new(FileLocks::new()),
+    );
+    let kind = if args.full {
+        ResyncKind::Full
+    } else {
+        ResyncKind::Incremental { extra: Vec::new() }
+    };
+    let started = Instant::now();
+    let outcome = engine.run(kind).context("the resync failed")?;
+    let seconds = started.elapsed().as_secs_f64();
+    let ResyncOutcome::Completed { stats } = outcome;
+    println!(
+        "resync: kind={} seconds={seconds:.3} files_examined={} files_sent={} blocks_compared={} \
+         blocks_sent={} bytes_sent={} entries_deleted={} dirs_created={} attr_updates={} \
+         extra_passes={} deferred={} stream_bytes={}",
+        if args.full { "full" } else { "incremental" },
+        stats.files_examined,
+        stats.files_sent,
+        stats.blocks_compared,
+        stats.blocks_sent,
+        stats.bytes_sent,
+        stats.entries_deleted,
+        stats.dirs_created,
+        stats.attr_updates,
+        stats.extra_passes,
+        stats.deferred,
+        sender.stats().bytes,
+    );
+    Ok(())
+}
+
+/// Opens each directory `O_PATH | O_DIRECTORY` (the form the resync code reads and applies beneath).
+fn open_dirs(dirs: &[PathBuf]) -> anyhow::Result<Vec<OwnedFd>> {
+    dirs.iter()
+        .map(|dir| {
+            rustix::fs::open(
+                dir,
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(std::io::Error::from)
+            .with_context(|| format!("cannot open {}", dir.display()))
+        })
+        .collect()
 }
 
 fn read_secret(path: &Path) -> anyhow::Result<Vec<u8>> {

@@ -15,6 +15,11 @@
 //! stdout and to the data-path section of `BENCHMARKS.md` ([`report`]), with
 //! the issue's targets and whether this run met them.
 //!
+//! The reintegration rows of issue 5 ([`resync`]: incremental and full
+//! resync against rsync, on a tree of small files and on a big file) run on
+//! the same kind of test bed after the data-path jobs, into a section of
+//! their own; `--only datapath|resync` runs one part alone.
+//!
 //! Nothing here fails on a threshold: a job that errors is reported as such
 //! and the bench goes on; the bench fails only when the test bed cannot be
 //! built. Everything it creates is removed on exit, error and interrupt
@@ -25,6 +30,7 @@ mod env;
 mod jobs;
 mod procs;
 mod report;
+mod resync;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -66,9 +72,21 @@ pub(crate) struct BenchArgs {
     /// Use this `safekit-rfs` instead of building it (`cargo build --release`).
     #[arg(long)]
     rfs: Option<PathBuf>,
-    /// Markdown file whose data-path section is rewritten (relative to the project root).
+    /// Run only one part: the data-path jobs or the reintegration (resync) rows.
+    #[arg(long, value_enum)]
+    only: Option<Part>,
+    /// Markdown file whose sections are rewritten (relative to the project root).
     #[arg(long, default_value = "BENCHMARKS.md")]
     output: PathBuf,
+}
+
+/// `--only`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Part {
+    /// The data-path jobs (fio on the mount).
+    Datapath,
+    /// The reintegration rows (incremental and full resync vs rsync).
+    Resync,
 }
 
 /// `--store`.
@@ -197,7 +215,37 @@ pub(crate) fn run(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
         None => build_rfs(root)?,
     };
     env::sweep_stale(&args.disk_dir);
-    let machine = env::Machine::probe(root, &rfs);
+    if args.only != Some(Part::Resync) {
+        run_datapath(root, &args, &rfs, &interrupted)?;
+    }
+    if args.only != Some(Part::Datapath) {
+        // One backing store: the machine's disk unless `--store ram`.
+        let store = if args.store == StoreChoice::Ram {
+            Store::Ram
+        } else {
+            Store::Disk
+        };
+        resync::run(
+            root,
+            args.quick,
+            store,
+            &args.disk_dir,
+            &rfs,
+            &args.output,
+            &interrupted,
+        )?;
+    }
+    Ok(())
+}
+
+/// The data-path jobs on every target and backing store, and their section.
+fn run_datapath(
+    root: &Path,
+    args: &BenchArgs,
+    rfs: &Path,
+    interrupted: &Arc<AtomicBool>,
+) -> anyhow::Result<()> {
+    let machine = env::Machine::probe(root, rfs);
     let ticks = env::sh("getconf", &["CLK_TCK"])
         .ok()
         .and_then(|t| t.trim().parse::<f64>().ok())
@@ -224,22 +272,14 @@ pub(crate) fn run(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut runs = Vec::new();
     for store in stores {
-        let run = run_store(
-            store,
-            &args,
-            &sizes,
-            &rfs,
-            ticks,
-            &mut progress,
-            &interrupted,
-        )?;
+        let run = run_store(store, args, &sizes, rfs, ticks, &mut progress, interrupted)?;
         println!(
             "\n{}",
             report::store_tables(&run, &sizes, &args.targets, &args.jobs)
         );
         runs.push(run);
     }
-    let section = report::section(&machine, &runs, &sizes, &args, started.elapsed());
+    let section = report::section(&machine, &runs, &sizes, args, started.elapsed());
     let output = root.join(&args.output);
     report::write_section(&output, &section)?;
     println!("{}", report::targets_text(&runs));

@@ -33,7 +33,7 @@ pub(crate) struct Helper {
 }
 
 impl Helper {
-    fn spawn(
+    pub(crate) fn spawn(
         name: &'static str,
         mut command: std::process::Command,
         log: PathBuf,
@@ -68,7 +68,7 @@ impl Helper {
     }
 
     /// Waits until a line of the log says the helper is ready.
-    fn wait_for(&mut self, ready: impl Fn(&str) -> bool) -> anyhow::Result<()> {
+    pub(crate) fn wait_for(&mut self, ready: impl Fn(&str) -> bool) -> anyhow::Result<()> {
         let start = Instant::now();
         loop {
             if self.log_text().lines().any(&ready) {
@@ -115,7 +115,7 @@ impl Helper {
     }
 
     /// SIGTERM, wait; SIGKILL after the timeout. Errors when it did not stop cleanly.
-    fn stop(&mut self) -> anyhow::Result<()> {
+    pub(crate) fn stop(&mut self) -> anyhow::Result<()> {
         let Some(mut child) = self.child.take() else {
             return Ok(());
         };

@@ -503,10 +503,21 @@ pub(crate) fn section(
 
 /// Replaces the data-path section of `path` (or appends it; or creates the file).
 pub(crate) fn write_section(path: &Path, section: &str) -> anyhow::Result<()> {
+    write_marked(path, BEGIN, END, section)
+}
+
+/// Replaces the section between `begin_marker` and `end_marker` of `path` (or
+/// appends it; or creates the file), keeping every other line.
+pub(crate) fn write_marked(
+    path: &Path,
+    begin_marker: &str,
+    end_marker: &str,
+    section: &str,
+) -> anyhow::Result<()> {
     let existing = std::fs::read_to_string(path).unwrap_or_default();
-    let text = match (existing.find(BEGIN), existing.find(END)) {
+    let text = match (existing.find(begin_marker), existing.find(end_marker)) {
         (Some(begin), Some(end)) if end > begin => {
-            let after = &existing[end + END.len()..];
+            let after = &existing[end + end_marker.len()..];
             let after = after.strip_prefix('\n').unwrap_or(after);
             format!("{}{section}{after}", &existing[..begin])
         }
