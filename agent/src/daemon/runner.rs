@@ -795,6 +795,9 @@ impl Runner {
                 ),
             ));
         }
+        for line in super::heartbeat::reception(&self.setup.name) {
+            details.push(("heartbeat".into(), line));
+        }
         for vip in &self.vips {
             let held = self.vip_held.iter().find(|(_, addr)| *addr == vip.addr);
             details.push((
