@@ -287,7 +287,8 @@ impl<'c> AgentNode<'c> {
     }
 
     /// Spawns `safekitd --foreground` in the node and waits until it answers
-    /// `safekit module list`. Dropping or killing the process stops the agent.
+    /// `safekit state` over its admin socket (`module list` would not do: it
+    /// also works offline). Dropping or killing the process stops the agent.
     pub fn start_agent(&self) -> NodeProcess {
         let safekitd = workspace_bin("safekitd").expect("safekitd is built");
         let agent = self
@@ -304,7 +305,7 @@ impl<'c> AgentNode<'c> {
             &format!("{}'s agent to answer", self.node.name()),
             self.state_wait,
             POLL,
-            || self.safekit("module list").success(),
+            || self.safekit("state").success(),
         )
         .unwrap_or_else(|error| panic!("{error}: {}", agent.output()));
         agent

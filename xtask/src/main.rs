@@ -7,6 +7,7 @@
 mod bench;
 mod demo;
 mod fuzz;
+mod package;
 mod pjdfs;
 mod tidy;
 
@@ -53,6 +54,8 @@ enum Task {
     Bench(bench::BenchArgs),
     /// Walk through a failover on two nodes and a client in namespaces (root, python3): the README's demo.
     Demo(demo::DemoArgs),
+    /// Build one `.safe` package per folder of `modules/` into target/packages/ (for `safekit module install`).
+    Package,
     /// Open a shell inside a node (node1, node2, client) of a cluster kept by `cargo xtask demo --keep`.
     Shell {
         /// The node: node1, node2 or client.
@@ -75,6 +78,7 @@ fn main() -> anyhow::Result<()> {
         Task::Bench(args) => bench::run(&root, args),
         Task::Demo(args) => demo::run(&root, args),
         Task::Shell { node } => demo::shell(&node),
+        Task::Package => package::run(&root, &root.join("target").join("packages")).map(drop),
     }
 }
 

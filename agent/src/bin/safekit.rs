@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use safekit_agent::cli::config_check::{self, ConfigCheckArgs};
 use safekit_agent::cli::control::{self, AgentCommand};
+use safekit_agent::cli::snapshot::{self, SnapshotArgs};
 
 /// Control and inspect safekit application modules.
 #[derive(Debug, Parser)]
@@ -25,6 +26,8 @@ enum Command {
     Config(ConfigCommand),
     #[command(flatten)]
     Agent(AgentCommand),
+    /// Write a support zip for a module: logs, configuration, state, system facts (secrets redacted).
+    Snapshot(SnapshotArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -50,6 +53,15 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Agent(command) => Ok(control::run(command)),
+        Command::Snapshot(args) => {
+            let summary = snapshot::run(&args, &mut |line| println!("{line}"))?;
+            println!(
+                "snapshot written to {} ({} bytes)",
+                summary.path.display(),
+                summary.bytes
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Config(ConfigCommand::Check(args)) => {
             let report = config_check::run(&args)?;
             print!("{}", report.output);

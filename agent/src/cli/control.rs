@@ -1,4 +1,4 @@
-//! The `safekit` verbs that talk to the local agent: control, state, log, print, module list, cluster genkey.
+//! The `safekit` verbs that talk to the local agent: control, state, log, print, module, cluster genkey.
 //!
 //! Every verb is one request on the admin socket `SAFEVAR/run/admin.sock`
 //! (`SAFEVAR` from the environment, default `/var/safekit`), which only root
@@ -84,8 +84,12 @@ pub struct PrintArgs {
 /// `safekit module ...`.
 #[derive(Debug, Clone, Subcommand)]
 pub enum ModuleCommand {
-    /// List the modules the agent runs (and those it could not start).
+    /// List the modules the agent runs (and those it could not start); with the agent down, those in SAFE/modules.
     List,
+    /// Install a `.safe` package as SAFE/modules/NAME (validated first; a refused package changes nothing).
+    Install(super::module::InstallArgs),
+    /// Remove SAFE/modules/NAME (refused while the agent runs the module).
+    Uninstall(super::module::UninstallArgs),
 }
 
 /// `safekit cluster ...`.
@@ -206,17 +210,7 @@ pub fn run(command: AgentCommand) -> ExitCode {
         AgentCommand::Printe(args) => print(args, PrintLevel::Error),
         AgentCommand::Printw(args) => print(args, PrintLevel::Warning),
         AgentCommand::Printi(args) => print(args, PrintLevel::Info),
-        AgentCommand::Module(ModuleCommand::List) => match request(&AdminRequest::ModuleList) {
-            Ok(AdminResponse::Modules(names)) => {
-                for name in names {
-                    println!("{name}");
-                }
-                ExitCode::SUCCESS
-            }
-            Ok(AdminResponse::Refused { reason }) => fail(reason),
-            Ok(other) => fail(format_args!("unexpected answer from the agent: {other:?}")),
-            Err(error) => fail(error),
-        },
+        AgentCommand::Module(command) => super::module::run(command),
         AgentCommand::Cluster(ClusterCommand::Genkey { force }) => match genkey(force) {
             Ok(path) => {
                 println!(

@@ -247,6 +247,8 @@ pub fn load_modules(
             .filter_map(Result::ok)
             .filter(|entry| entry.path().join("conf").join("userconfig.xml").is_file())
             .filter_map(|entry| entry.file_name().to_str().map(str::to_string))
+            // `safekit module install` stages a package in `.NAME.new.PID`.
+            .filter(|name| !name.starts_with('.'))
             .collect(),
         Err(_) => Vec::new(),
     };

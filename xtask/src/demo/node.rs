@@ -138,8 +138,8 @@ impl<'a> DemoNode<'a> {
             &format!("{}'s agent to answer", self.name()),
             Duration::from_secs(30),
             || {
-                self.safekit("module list")
-                    .is_ok_and(|output| output.success())
+                // `state` goes through the agent's socket (`module list` also works offline).
+                self.safekit("state").is_ok_and(|output| output.success())
             },
         )
         .with_context(|| format!("the agent's output: {}", agent.output()))?;
