@@ -1061,6 +1061,24 @@ pub mod linux {
                                 elapsed_ms = progress.elapsed.as_millis(),
                                 "reintegration served"
                             );
+                            // The operator's evidence of what the reintegration cost.
+                            let _ = events.send(DataPathEvent::Notice {
+                                critical: false,
+                                message: format!(
+                                    "Reintegration served in {:.1} s: {} files examined, {} sent \
+                                     ({} resumed), {} of {} blocks sent, {} bytes sent, {} entries \
+                                     deleted, {} attribute updates",
+                                    progress.elapsed.as_secs_f64(),
+                                    stats.files_examined,
+                                    stats.files_sent,
+                                    stats.files_resumed,
+                                    stats.blocks_sent,
+                                    stats.blocks_compared,
+                                    stats.bytes_sent,
+                                    stats.entries_deleted,
+                                    stats.attr_updates,
+                                ),
+                            });
                             DataPathEvent::Served {
                                 attempt,
                                 progress: ResyncProgressStatus {
