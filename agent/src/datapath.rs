@@ -1067,7 +1067,9 @@ pub mod linux {
                                 message: format!(
                                     "Reintegration served in {:.1} s: {} files examined, {} sent \
                                      ({} resumed), {} of {} blocks sent, {} bytes sent, {} entries \
-                                     deleted, {} attribute updates",
+                                     deleted, {} attribute updates; {} blocks compared of {} in \
+                                     the files compared ({} files over their recorded ranges, {} \
+                                     whole)",
                                     progress.elapsed.as_secs_f64(),
                                     stats.files_examined,
                                     stats.files_sent,
@@ -1077,6 +1079,10 @@ pub mod linux {
                                     stats.bytes_sent,
                                     stats.entries_deleted,
                                     stats.attr_updates,
+                                    stats.blocks_compared,
+                                    stats.file_blocks,
+                                    stats.files_by_range,
+                                    stats.files_whole,
                                 ),
                             });
                             DataPathEvent::Served {

@@ -12,6 +12,11 @@
 //! httpaddr <address>` (repeatable; `0.0.0.0` only if written there). Without
 //! `httpaddr` the listener binds this node's addresses from cluster.xml, never
 //! the wildcard address.
+//!
+//! The same listener carries `safekit -H`, the distributed admin channel
+//! (`POST /safekit/admin/...`, see [`crate::remote_admin`]): requests signed
+//! with the cluster secret, as SafeKit sends its distributed commands through
+//! its web service.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
@@ -22,6 +27,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::daemon::runner::Registry;
+use crate::remote_admin::{self, RemoteAdmin};
 
 /// The default port (SafeKit's HTTP port).
 pub const DEFAULT_PORT: u16 = 9010;
@@ -31,6 +37,8 @@ const MAX_REQUEST: usize = 8192;
 const BIND_RETRY: Duration = Duration::from_secs(5);
 /// A client that sends nothing for this long is dropped.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// A client that does not take the answer for this long is dropped.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Where the listener binds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,11 +86,16 @@ fn parse_config(text: &str, node_addrs: &[IpAddr]) -> Result<HealthConfig, Strin
     Ok(HealthConfig { port, addrs })
 }
 
-/// Binds every configured address and serves until the runtime ends.
+/// Binds every configured address and serves until the runtime ends;
+/// `remote` serves `safekit -H` (without it, its routes answer 503).
 ///
 /// # Errors
 /// An address cannot be bound (the others are not served either).
-pub async fn serve(config: &HealthConfig, registry: Arc<Registry>) -> std::io::Result<()> {
+pub async fn serve(
+    config: &HealthConfig,
+    registry: Arc<Registry>,
+    remote: Option<Arc<RemoteAdmin>>,
+) -> std::io::Result<()> {
     let mut listeners = Vec::new();
     for addr in &config.addrs {
         let listener = TcpListener::bind(SocketAddr::new(*addr, config.port)).await?;
@@ -90,13 +103,17 @@ pub async fn serve(config: &HealthConfig, registry: Arc<Registry>) -> std::io::R
     }
     for listener in listeners {
         let registry = Arc::clone(&registry);
+        let remote = remote.clone();
         tokio::spawn(async move {
             loop {
                 match listener.accept().await {
-                    Ok((stream, _)) => {
+                    Ok((stream, client)) => {
                         let registry = Arc::clone(&registry);
+                        let remote = remote.clone();
                         tokio::spawn(async move {
-                            if let Err(error) = answer(stream, &registry).await {
+                            if let Err(error) =
+                                answer(stream, client, &registry, remote.as_deref()).await
+                            {
                                 tracing::debug!(%error, "health check connection");
                             }
                         });
@@ -140,6 +157,14 @@ pub async fn start_for_node(safe: &Path, var: &Path, node: &str, registry: Arc<R
             return;
         }
     };
+    // The daemon read the same secret at start; a problem with it stopped the daemon then.
+    let remote = match crate::daemon::load::load_secret(&paths) {
+        Ok(secret) => Some(Arc::new(RemoteAdmin::new(secret))),
+        Err(error) => {
+            tracing::error!(%error, "remote admin (safekit -H) not served");
+            None
+        }
+    };
     let httpd_conf = safe.join("web").join("conf").join("httpd.conf");
     let config = match config(&httpd_conf, &node_addrs) {
         Ok(config) => config,
@@ -148,30 +173,36 @@ pub async fn start_for_node(safe: &Path, var: &Path, node: &str, registry: Arc<R
             return;
         }
     };
-    if let Err(error) = serve(&config, Arc::clone(&registry)).await {
+    if let Err(error) = serve(&config, Arc::clone(&registry), remote.clone()).await {
         // An address may not be up yet at boot: retry in the background.
         tracing::error!(%error, port = config.port, "health check: cannot bind yet, retrying every 5 s");
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(BIND_RETRY).await;
-                if serve(&config, Arc::clone(&registry)).await.is_ok() {
-                    tracing::info!(port = config.port, addrs = ?config.addrs, "health check (ready.txt) listening");
+                if serve(&config, Arc::clone(&registry), remote.clone())
+                    .await
+                    .is_ok()
+                {
+                    tracing::info!(port = config.port, addrs = ?config.addrs, "web service (ready.txt, safekit -H) listening");
                     return;
                 }
             }
         });
         return;
     }
-    tracing::info!(port = config.port, addrs = ?config.addrs, "health check (ready.txt) listening");
+    tracing::info!(port = config.port, addrs = ?config.addrs, "web service (ready.txt, safekit -H) listening");
 }
 
-async fn answer(mut stream: TcpStream, registry: &Registry) -> std::io::Result<()> {
+async fn answer(
+    mut stream: TcpStream,
+    client: SocketAddr,
+    registry: &Registry,
+    remote: Option<&RemoteAdmin>,
+) -> std::io::Result<()> {
     let mut request = Vec::new();
     let mut buffer = [0u8; 1024];
     while !request.windows(4).any(|window| window == b"\r\n\r\n") {
-        let read = tokio::time::timeout(READ_TIMEOUT, stream.read(&mut buffer))
-            .await
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+        let read = read_some(&mut stream, &mut buffer).await?;
         if read == 0 {
             break;
         }
@@ -185,20 +216,37 @@ async fn answer(mut stream: TcpStream, registry: &Registry) -> std::io::Result<(
         .next()
         .map(|line| String::from_utf8_lossy(line).trim_end().to_string())
         .unwrap_or_default();
+    let mut words = line.split_whitespace();
+    if let (Some(method), Some(path)) = (words.next(), words.next())
+        && path.starts_with(remote_admin::ROUTE_PREFIX)
+    {
+        let answer =
+            admin_route(&mut stream, client, registry, remote, method, path, request).await?;
+        let head = format!(
+            "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n",
+            answer.status,
+            reason(answer.status),
+            answer.content_type,
+            answer.body.len()
+        );
+        let write = async {
+            stream.write_all(head.as_bytes()).await?;
+            stream.write_all(&answer.body).await?;
+            stream.shutdown().await
+        };
+        return tokio::time::timeout(WRITE_TIMEOUT, write)
+            .await
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?;
+    }
     let (status, body, head) = respond(&line, |module| {
         registry
             .modules
             .get(module)
             .map(|handle| handle.status.borrow().state.clone())
     });
-    let reason = match status {
-        200 => "OK",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        _ => "Bad Request",
-    };
     let mut response = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {status} {}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n",
+        reason(status),
         body.len()
     );
     if !head {
@@ -206,6 +254,82 @@ async fn answer(mut stream: TcpStream, registry: &Registry) -> std::io::Result<(
     }
     stream.write_all(response.as_bytes()).await?;
     stream.shutdown().await
+}
+
+/// One read, bounded by [`READ_TIMEOUT`].
+async fn read_some(stream: &mut TcpStream, buffer: &mut [u8]) -> std::io::Result<usize> {
+    tokio::time::timeout(READ_TIMEOUT, stream.read(buffer))
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        411 => "Length Required",
+        413 => "Content Too Large",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        _ => "Bad Request",
+    }
+}
+
+/// `POST /safekit/admin/...`: reads the body (`Content-Length`, bounded) and
+/// hands it to [`RemoteAdmin::handle`]. `received` is what was read so far,
+/// the head and maybe part of the body.
+async fn admin_route(
+    stream: &mut TcpStream,
+    client: SocketAddr,
+    registry: &Registry,
+    remote: Option<&RemoteAdmin>,
+    method: &str,
+    path: &str,
+    received: Vec<u8>,
+) -> std::io::Result<remote_admin::HttpAnswer> {
+    let text = |status: u16, message: &str| remote_admin::HttpAnswer {
+        status,
+        content_type: "text/plain",
+        body: format!("{message}\n").into_bytes(),
+    };
+    let Some(remote) = remote else {
+        return Ok(text(
+            503,
+            "remote administration is not available on this node",
+        ));
+    };
+    if method != "POST" {
+        return Ok(text(405, "only POST"));
+    }
+    let Some(head_end) = received.windows(4).position(|window| window == b"\r\n\r\n") else {
+        return Ok(text(400, "request head too large or incomplete"));
+    };
+    let head = String::from_utf8_lossy(received.get(..head_end).unwrap_or_default());
+    let length = head.lines().skip(1).find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.trim()
+            .eq_ignore_ascii_case("content-length")
+            .then(|| value.trim().parse::<usize>().ok())?
+    });
+    let Some(length) = length else {
+        return Ok(text(411, "Content-Length required"));
+    };
+    if length > safekit_protocol::admin_remote::MAX_SIGNED_REQUEST_LEN {
+        return Ok(text(413, "request too large"));
+    }
+    let mut body = received.get(head_end + 4..).unwrap_or_default().to_vec();
+    let mut buffer = [0u8; 4096];
+    while body.len() < length {
+        let read = read_some(stream, &mut buffer).await?;
+        if read == 0 {
+            return Ok(text(400, "request body shorter than its Content-Length"));
+        }
+        body.extend_from_slice(buffer.get(..read).unwrap_or_default());
+    }
+    body.truncate(length);
+    Ok(remote.handle(registry, client.ip(), path, &body).await)
 }
 
 /// The answer to a request line: status, body, and whether it was `HEAD` (no body).

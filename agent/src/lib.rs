@@ -14,5 +14,6 @@ pub mod datapath;
 pub mod health_http;
 pub mod modlog;
 pub mod persist;
+pub mod remote_admin;
 pub mod scripts;
 pub mod vip;

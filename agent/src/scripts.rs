@@ -400,6 +400,95 @@ pub async fn run_stop_sequence(
     Ok((graceful_outcome, forced_outcome))
 }
 
+/// A hook the runner runs on a state change, besides `start_prim`/`stop_prim`
+/// (which the state machine drives itself).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hook {
+    /// The hook's file name in `SAFEUSERBIN`.
+    pub name: &'static str,
+    /// First argument: the state being left.
+    pub current_state: &'static str,
+    /// Second argument: the state being entered.
+    pub next_state: &'static str,
+    /// Third argument: `start`, `stop` or `stopstart`.
+    pub action: &'static str,
+    /// A stop hook: graceful call first, then `force` if it failed.
+    pub stop: bool,
+}
+
+/// The `start_X`/`stop_X` hook pairs beside `start_prim`/`stop_prim`, with
+/// the (mirror) states in which X is "on", outermost first.
+const HOOK_PAIRS: [(&str, &str, &[&str]); 3] = [
+    ("start_both", "stop_both", &["ALONE", "PRIM", "SECOND"]),
+    ("start_sec", "stop_sec", &["ALONE", "SECOND"]),
+    ("start_second", "stop_second", &["SECOND"]),
+];
+
+/// The hooks of a change of state from `from` to `to` (names as `safekit
+/// state` prints them), in the order they run: `transition`, the stop hooks
+/// of the pairs left (innermost first), the start hooks of the pairs entered
+/// (outermost first), and `poststop` when the module stops. A change within
+/// one state (SECOND resynchronizing to SECOND up to date) runs nothing.
+pub fn transition_hooks(from: &'static str, to: &'static str, action: &'static str) -> Vec<Hook> {
+    if from == to {
+        return Vec::new();
+    }
+    let hook = |name, stop| Hook {
+        name,
+        current_state: from,
+        next_state: to,
+        action,
+        stop,
+    };
+    let mut hooks = vec![hook("transition", false)];
+    for (_, stop_name, states) in HOOK_PAIRS.iter().rev() {
+        if states.contains(&from) && !states.contains(&to) {
+            hooks.push(hook(stop_name, true));
+        }
+    }
+    for (start_name, _, states) in HOOK_PAIRS {
+        if !states.contains(&from) && states.contains(&to) {
+            hooks.push(hook(start_name, false));
+        }
+    }
+    if to == "STOP" {
+        hooks.push(hook("poststop", false));
+    }
+    hooks
+}
+
+type ScriptJob = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Runs a module's scripts one after the other, in the order they were
+/// queued, so that `start_both` has finished before `start_prim` starts and
+/// `poststop` runs after the stop hooks. A job is a whole script run (with
+/// its logging and its report); one that hangs holds the queue until its
+/// timeout kills it.
+#[derive(Debug, Clone)]
+pub struct ScriptQueue {
+    jobs: tokio::sync::mpsc::UnboundedSender<ScriptJob>,
+}
+
+impl ScriptQueue {
+    /// A queue and its worker task (which ends when every clone is dropped).
+    pub fn spawn() -> ScriptQueue {
+        let (jobs, mut receiver) = tokio::sync::mpsc::unbounded_channel::<ScriptJob>();
+        tokio::spawn(async move {
+            while let Some(job) = receiver.recv().await {
+                job.await;
+            }
+        });
+        ScriptQueue { jobs }
+    }
+
+    /// Queues `job` after every job queued before it.
+    pub fn push(&self, job: impl std::future::Future<Output = ()> + Send + 'static) {
+        if self.jobs.send(Box::pin(job)).is_err() {
+            tracing::error!("the script queue has stopped: script not run");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -452,5 +541,100 @@ mod tests {
             env.variables()
                 .contains(&("SAFEMODULE".into(), "mirror".into()))
         );
+    }
+    fn names(hooks: &[Hook]) -> Vec<String> {
+        hooks
+            .iter()
+            .map(|hook| {
+                format!(
+                    "{} {} {} {}",
+                    hook.name, hook.current_state, hook.next_state, hook.action
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn entering_alone_runs_transition_then_the_start_hooks_outermost_first() {
+        assert_eq!(
+            names(&transition_hooks("WAIT", "ALONE", "start")),
+            [
+                "transition WAIT ALONE start",
+                "start_both WAIT ALONE start",
+                "start_sec WAIT ALONE start"
+            ]
+        );
+        assert_eq!(
+            names(&transition_hooks("WAIT", "SECOND", "start")),
+            [
+                "transition WAIT SECOND start",
+                "start_both WAIT SECOND start",
+                "start_sec WAIT SECOND start",
+                "start_second WAIT SECOND start"
+            ]
+        );
+    }
+
+    #[test]
+    fn failover_and_failback_only_run_the_hooks_of_the_sets_left_or_entered() {
+        assert_eq!(
+            names(&transition_hooks("SECOND", "ALONE", "start")),
+            [
+                "transition SECOND ALONE start",
+                "stop_second SECOND ALONE start"
+            ]
+        );
+        assert_eq!(
+            names(&transition_hooks("ALONE", "PRIM", "start")),
+            ["transition ALONE PRIM start", "stop_sec ALONE PRIM start"]
+        );
+        assert_eq!(
+            names(&transition_hooks("PRIM", "ALONE", "start")),
+            ["transition PRIM ALONE start", "start_sec PRIM ALONE start"]
+        );
+    }
+
+    #[test]
+    fn stopping_runs_the_stop_hooks_innermost_first_then_poststop() {
+        let hooks = transition_hooks("SECOND", "STOP", "stopstart");
+        assert_eq!(
+            names(&hooks),
+            [
+                "transition SECOND STOP stopstart",
+                "stop_second SECOND STOP stopstart",
+                "stop_sec SECOND STOP stopstart",
+                "stop_both SECOND STOP stopstart",
+                "poststop SECOND STOP stopstart"
+            ]
+        );
+        let stops: Vec<bool> = hooks.iter().map(|hook| hook.stop).collect();
+        assert_eq!(stops, [false, true, true, true, false]);
+        assert_eq!(
+            names(&transition_hooks("WAIT", "STOP", "stop")),
+            ["transition WAIT STOP stop", "poststop WAIT STOP stop"]
+        );
+        assert!(transition_hooks("SECOND", "SECOND", "start").is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_queue_runs_jobs_one_after_the_other_in_order() {
+        let queue = ScriptQueue::spawn();
+        let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (done, finished) = tokio::sync::oneshot::channel();
+        for index in 0..3u64 {
+            let order = order.clone();
+            queue.push(async move {
+                // The first job yields longest: a concurrent runner would finish it last.
+                for _ in 0..(3 - index) * 10 {
+                    tokio::task::yield_now().await;
+                }
+                order.lock().expect("not poisoned").push(index);
+            });
+        }
+        queue.push(async move {
+            let _ = done.send(());
+        });
+        finished.await.expect("the last job ran");
+        assert_eq!(*order.lock().expect("not poisoned"), [0, 1, 2]);
     }
 }

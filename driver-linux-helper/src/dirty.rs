@@ -7,29 +7,52 @@
 //! back ([`DirtyLog::load`]) and resynchronises just these files, then
 //! [`DirtyLog::clear`]s it.
 //!
-//! # File format (version 1)
+//! # What a record says ([`Change`])
+//!
+//! - [`Change::Range`]: only this byte range of a regular file's data may
+//!   differ (a write, a fallocate). The resync then hashes and compares only
+//!   the blocks covering the file's recorded ranges, on both sides.
+//! - [`Change::Attrs`]: only the entry's attributes (mode, owner, times,
+//!   xattrs) may differ, not its data nor, for a directory, its entries. The
+//!   times a namespace change ships for the parent directory are recorded so:
+//!   the names the change created, removed or renamed have records of their
+//!   own, so the resync compares just those names, not the parent's subtree.
+//! - [`Change::Whole`]: anything about the name may differ (created, removed,
+//!   renamed, truncated, or too many ranges): a file is compared whole, a
+//!   directory as a subtree, a name gone on the primary is removed on the replica.
+//!
+//! [`records_of`] maps a replicated operation to its records.
+//!
+//! # File format (version 2)
 //!
 //! ```text
-//! header:  b"SKDIRTY1"                                   (8 bytes)
+//! header:  b"SKDIRTY2"                                   (8 bytes)
 //! record:  body_len: u32 LE | crc: u32 LE | body          (repeated)
-//!          body = postcard(TouchedFile { dir: u16, path: RelPath, range: Option<ByteRange> })
+//!          body = postcard(DirtyRecord { dir: u16, path: RelPath, change: Change })
 //!          crc  = CRC-32C of body
 //! ```
 //!
-//! Records are only appended. A record with `range: None` means "the whole
-//! file (or the name itself) may differ"; a record with a range means only
-//! that byte range. A crash can leave a torn last record (short, or with a bad
-//! CRC): [`DirtyLog::load`] stops at the first such record and reports it, and
-//! [`DirtyLog::open`] cuts the file back to the last complete record. A record
-//! is never lost once [`DirtyLog::record`] returned.
+//! Version 1 (`SKDIRTY1`, bodies `TouchedFile { dir, path, range }`, a missing
+//! range meaning the whole file) is still read, and rewritten as version 2
+//! when opened for appending.
+//!
+//! Records are only appended. A crash can leave a torn last record (short, or
+//! with a bad CRC): [`DirtyLog::load`] stops at the first such record and
+//! reports it, and [`DirtyLog::open`] cuts the file back to the last complete
+//! record. A record is never lost once [`DirtyLog::record_changes`] returned.
 //!
 //! # Durability and dedupe
 //!
-//! [`DirtyLog::record`] writes all new records of one call with one `write`
-//! and one `fdatasync` before it returns. An in-memory index keeps a hot file
-//! from being recorded again: once a file has a whole-file record, nothing more
-//! is written for it; after [`MAX_RANGES_PER_FILE`] range records, the next one
-//! is a whole-file record.
+//! [`DirtyLog::record_changes`] writes all new records of one call with one
+//! `write` and one `fdatasync` before it returns. An in-memory index keeps a
+//! hot file from being recorded again: once a file has a whole-file record,
+//! nothing more is written for it; a range inside one already recorded for the
+//! file writes nothing; attributes of a file with any record write nothing.
+//! Ranges are widened to [`RANGE_GRANULE`] boundaries, and a range that extends
+//! a recorded one forward is recorded with as much again ahead of it, so a
+//! sequential writer costs a number of records logarithmic in what it wrote.
+//! After [`MAX_RANGES_PER_FILE`] range records, the next one is a whole-file
+//! record.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -37,16 +60,115 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use safekit_protocol::replication::{RelPath, TouchedFile};
+use safekit_protocol::replication::{ByteRange, Op, RelPath, TouchedFile};
+use serde::{Deserialize, Serialize};
 
 /// The first bytes of a dirty log file.
-pub const HEADER: &[u8; 8] = b"SKDIRTY1";
+pub const HEADER: &[u8; 8] = b"SKDIRTY2";
+
+/// The first bytes of a version-1 dirty log (still read).
+pub const HEADER_V1: &[u8; 8] = b"SKDIRTY1";
 
 /// Range records kept per file before the file is recorded whole.
-pub const MAX_RANGES_PER_FILE: u32 = 16;
+pub const MAX_RANGES_PER_FILE: u32 = 1024;
+
+/// Recorded ranges are widened to multiples of this (the resync's default block size).
+pub const RANGE_GRANULE: u64 = 64 * 1024;
 
 /// A record body larger than this is treated as torn (a path is at most a few KiB).
 const MAX_RECORD_LEN: u32 = 1 << 20;
+
+/// What may differ about a recorded name (see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Change {
+    /// Anything: content, existence, type (for a directory, its subtree).
+    Whole,
+    /// Only this byte range of a regular file's data.
+    Range(ByteRange),
+    /// Only the entry's attributes (mode, owner, times, xattrs).
+    Attrs,
+}
+
+/// One record of the dirty log.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct DirtyRecord {
+    /// The replicated directory.
+    pub dir: u16,
+    /// The name beneath it.
+    pub path: RelPath,
+    /// What may differ.
+    pub change: Change,
+}
+
+impl From<TouchedFile> for DirtyRecord {
+    fn from(touched: TouchedFile) -> Self {
+        DirtyRecord {
+            dir: touched.dir,
+            path: touched.path,
+            change: touched.range.map_or(Change::Whole, Change::Range),
+        }
+    }
+}
+
+impl From<&DirtyRecord> for TouchedFile {
+    /// The coarser view: attributes-only records become whole-file ones.
+    fn from(record: &DirtyRecord) -> Self {
+        TouchedFile {
+            dir: record.dir,
+            path: record.path.clone(),
+            range: match record.change {
+                Change::Range(range) => Some(range),
+                Change::Whole | Change::Attrs => None,
+            },
+        }
+    }
+}
+
+/// The records an operation needs when it cannot be confirmed by the peer:
+/// its changed range for a write or fallocate, attributes only for a
+/// `SetAttr` or an xattr change (and the existing name of a hard link), the
+/// whole name otherwise (a fsync names its whole file: while it is
+/// unconfirmed, the file may not be on the peer's disk).
+pub fn records_of(op: &Op) -> Vec<DirtyRecord> {
+    let dir = op.dir();
+    let record = |path: &RelPath, change| DirtyRecord {
+        dir,
+        path: path.clone(),
+        change,
+    };
+    match op {
+        Op::Write {
+            path, offset, data, ..
+        } => vec![record(
+            path,
+            Change::Range(ByteRange {
+                offset: *offset,
+                len: data.len() as u64,
+            }),
+        )],
+        Op::Fallocate {
+            path, offset, len, ..
+        } => vec![record(
+            path,
+            Change::Range(ByteRange {
+                offset: *offset,
+                len: *len,
+            }),
+        )],
+        Op::SetAttr { path, .. } | Op::SetXattr { path, .. } | Op::RemoveXattr { path, .. } => {
+            vec![record(path, Change::Attrs)]
+        }
+        Op::Link { existing, new, .. } => vec![
+            record(existing, Change::Attrs),
+            record(new, Change::Whole),
+        ],
+        other => other
+            .paths()
+            .into_iter()
+            .map(|path| record(path, Change::Whole))
+            .collect(),
+    }
+}
 
 /// Why the dirty log could not be opened or read.
 #[derive(Debug, thiserror::Error)]
@@ -68,17 +190,25 @@ pub enum DirtyLogError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoadedDirtyLog {
     /// The records, in the order they were written.
+    pub records: Vec<DirtyRecord>,
+    /// The same, in the coarser form of the replication protocol (attributes
+    /// records as whole-file ones).
     pub files: Vec<TouchedFile>,
     /// Whether a torn or corrupt record was found (and ignored) after the last good one.
     pub torn_tail: bool,
     /// The length of the valid prefix of the file.
     pub valid_len: u64,
+    /// The file is in the version-1 format.
+    pub version1: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What the in-memory index knows of one name.
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Recorded {
+    Attrs,
+    /// Recorded ranges, merged, sorted, as `(start, end)`; and the number of range records.
+    Ranges(Vec<(u64, u64)>, u32),
     Whole,
-    Ranges(u32),
 }
 
 #[derive(Debug)]
@@ -101,9 +231,25 @@ fn io_error(path: &Path) -> impl FnOnce(io::Error) -> DirtyLogError + '_ {
     }
 }
 
+fn encode(record: &DirtyRecord, out: &mut Vec<u8>) -> io::Result<()> {
+    let body = postcard::to_allocvec(record).map_err(io::Error::other)?;
+    let body_len = u32::try_from(body.len()).map_err(io::Error::other)?;
+    out.extend_from_slice(&body_len.to_le_bytes());
+    out.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+    out.extend_from_slice(&body);
+    Ok(())
+}
+
+fn sync_parent(path: &Path) -> io::Result<()> {
+    match path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(parent) => File::open(parent).and_then(|dir| dir.sync_all()),
+        None => Ok(()),
+    }
+}
+
 impl DirtyLog {
     /// Opens the log at `path`, creating it (durably) if needed; keeps its records and
-    /// cuts a torn tail.
+    /// cuts a torn tail. A version-1 log is rewritten (atomically) as version 2.
     ///
     /// # Errors
     /// I/O errors, or [`DirtyLogError::BadHeader`] if the file is something else.
@@ -122,24 +268,38 @@ impl DirtyLog {
         let header_only_partly = length < HEADER.len() as u64 && {
             let mut start = Vec::new();
             file.read_to_end(&mut start).map_err(io_error(path))?;
-            HEADER.starts_with(&start)
+            HEADER.starts_with(&start) || HEADER_V1.starts_with(&start)
         };
         if !exists || header_only_partly {
             file.set_len(0).map_err(io_error(path))?;
             file.seek(SeekFrom::Start(0)).map_err(io_error(path))?;
             file.write_all(HEADER).map_err(io_error(path))?;
             file.sync_all().map_err(io_error(path))?;
-            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-                File::open(parent)
-                    .and_then(|dir| dir.sync_all())
-                    .map_err(io_error(path))?;
-            }
+            sync_parent(path).map_err(io_error(path))?;
         } else {
             let loaded = Self::load(path)?;
-            for touched in &loaded.files {
-                note(&mut seen, touched);
+            for record in &loaded.records {
+                let next = next_state(seen.get(&(record.dir, record.path.clone())), record);
+                seen.insert((record.dir, record.path.clone()), next);
             }
-            if loaded.torn_tail {
+            if loaded.version1 {
+                // Rewrite in the current format, then replace the old file.
+                let mut bytes = HEADER.to_vec();
+                for record in &loaded.records {
+                    encode(record, &mut bytes).map_err(io_error(path))?;
+                }
+                let mut temp_name = path.as_os_str().to_owned();
+                temp_name.push(".v2");
+                let temp = PathBuf::from(temp_name);
+                let mut out = File::create(&temp).map_err(io_error(path))?;
+                out.write_all(&bytes)
+                    .and_then(|()| out.sync_all())
+                    .map_err(io_error(path))?;
+                std::fs::rename(&temp, path).map_err(io_error(path))?;
+                sync_parent(path).map_err(io_error(path))?;
+                file = out;
+                tracing::info!(path = %path.display(), records = loaded.records.len(), "dirty log converted to version 2");
+            } else if loaded.torn_tail {
                 tracing::warn!(path = %path.display(), "dirty log has a torn last record; cutting it");
                 file.set_len(loaded.valid_len).map_err(io_error(path))?;
                 file.sync_all().map_err(io_error(path))?;
@@ -169,37 +329,40 @@ impl DirtyLog {
         &self.path
     }
 
-    /// Records `files` durably: returns once every new record is on disk.
-    /// Files already recorded (see the module doc) write nothing and cost no sync.
+    /// Records `files` durably (a file without a range as a whole-file record);
+    /// see [`DirtyLog::record_changes`].
     ///
     /// # Errors
-    /// The write or sync failed; the in-memory index then forgets these files so a
-    /// later call retries them.
+    /// See [`DirtyLog::record_changes`].
     pub fn record(&self, files: &[TouchedFile]) -> io::Result<usize> {
+        let records: Vec<DirtyRecord> = files.iter().cloned().map(DirtyRecord::from).collect();
+        self.record_changes(&records)
+    }
+
+    /// Records `records` durably: returns once every new record is on disk.
+    /// Records already covered (see the module doc) write nothing and cost no sync.
+    /// Returns the number of records written.
+    ///
+    /// # Errors
+    /// The write or sync failed; the in-memory index then forgets these records so a
+    /// later call retries them.
+    pub fn record_changes(&self, records: &[DirtyRecord]) -> io::Result<usize> {
         let mut inner = self
             .inner
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut batch = Vec::new();
-        let mut noted = Vec::new();
-        for touched in files {
-            let key = (touched.dir, touched.path.clone());
-            let record = match (inner.seen.get(&key), touched.range) {
-                (Some(Recorded::Whole), _) => continue,
-                (Some(Recorded::Ranges(n)), Some(_)) if *n >= MAX_RANGES_PER_FILE => TouchedFile {
-                    range: None,
-                    ..touched.clone()
-                },
-                _ => touched.clone(),
+        let mut noted: Vec<((u16, RelPath), Option<Recorded>)> = Vec::new();
+        for wanted in records {
+            let key = (wanted.dir, wanted.path.clone());
+            let previous = inner.seen.get(&key).cloned();
+            let Some(record) = to_write(previous.as_ref(), wanted) else {
+                continue;
             };
-            let previous = inner.seen.get(&key).copied();
-            note(&mut inner.seen, &record);
+            let next = next_state(previous.as_ref(), &record);
+            inner.seen.insert(key.clone(), next);
             noted.push((key, previous));
-            let body = postcard::to_allocvec(&record).map_err(io::Error::other)?;
-            let body_len = u32::try_from(body.len()).map_err(io::Error::other)?;
-            batch.extend_from_slice(&body_len.to_le_bytes());
-            batch.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
-            batch.extend_from_slice(&body);
+            encode(&record, &mut batch)?;
         }
         if batch.is_empty() {
             return Ok(0);
@@ -213,7 +376,8 @@ impl DirtyLog {
             // Cut a partial batch so that later records are not hidden behind a torn one.
             let _ = inner.file.set_len(length_before);
             let _ = inner.file.seek(SeekFrom::Start(length_before));
-            for (key, previous) in noted {
+            // Undo in reverse, so that a name noted twice gets its first state back.
+            for (key, previous) in noted.into_iter().rev() {
                 match previous {
                     Some(state) => inner.seen.insert(key, state),
                     None => inner.seen.remove(&key),
@@ -250,41 +414,117 @@ impl DirtyLog {
     }
 }
 
-fn note(seen: &mut HashMap<(u16, RelPath), Recorded>, touched: &TouchedFile) {
-    let key = (touched.dir, touched.path.clone());
-    let next = match (seen.get(&key), touched.range) {
-        (_, None) | (Some(Recorded::Whole), _) => Recorded::Whole,
-        (Some(Recorded::Ranges(n)), Some(_)) => Recorded::Ranges(n.saturating_add(1)),
-        (None, Some(_)) => Recorded::Ranges(1),
+/// `[offset, offset + len)` widened to [`RANGE_GRANULE`] boundaries.
+fn granules(range: ByteRange) -> (u64, u64) {
+    let start = range.offset - range.offset % RANGE_GRANULE;
+    let end = range.offset.saturating_add(range.len.max(1));
+    let end = end.div_ceil(RANGE_GRANULE).saturating_mul(RANGE_GRANULE);
+    (start, end.max(start))
+}
+
+/// The record to write for `wanted` given what is recorded already, or `None` if covered.
+fn to_write(previous: Option<&Recorded>, wanted: &DirtyRecord) -> Option<DirtyRecord> {
+    let with = |change| DirtyRecord {
+        change,
+        ..wanted.clone()
     };
-    seen.insert(key, next);
+    match (previous, wanted.change) {
+        (Some(Recorded::Whole), _) => None,
+        (_, Change::Whole) => Some(wanted.clone()),
+        (Some(_), Change::Attrs) => None,
+        (None, Change::Attrs) => Some(wanted.clone()),
+        (Some(Recorded::Ranges(_, count)), Change::Range(_)) if *count >= MAX_RANGES_PER_FILE => {
+            Some(with(Change::Whole))
+        }
+        (previous, Change::Range(range)) => {
+            let (start, end) = granules(range);
+            let runs: &[(u64, u64)] = match previous {
+                Some(Recorded::Ranges(runs, _)) => runs,
+                _ => &[],
+            };
+            if runs.iter().any(|&(a, b)| a <= start && end <= b) {
+                return None;
+            }
+            // Touching or overlapping runs merge; growing a run forward records as
+            // much again ahead (a sequential writer then costs few records).
+            let mut merged = (start, end);
+            for &(a, b) in runs {
+                if a <= merged.1 && merged.0 <= b {
+                    if merged.1 > b {
+                        let grown = merged.1 - a.min(merged.0);
+                        merged.1 = merged.1.saturating_add(grown);
+                    }
+                    merged = (merged.0.min(a), merged.1.max(b));
+                }
+            }
+            Some(with(Change::Range(ByteRange {
+                offset: merged.0,
+                len: merged.1 - merged.0,
+            })))
+        }
+    }
+}
+
+/// The index state after `record` was written.
+fn next_state(previous: Option<&Recorded>, record: &DirtyRecord) -> Recorded {
+    match (previous, record.change) {
+        (Some(Recorded::Whole), _) | (_, Change::Whole) => Recorded::Whole,
+        (Some(state), Change::Attrs) => state.clone(),
+        (None, Change::Attrs) => Recorded::Attrs,
+        (previous, Change::Range(range)) => {
+            let (mut runs, count) = match previous {
+                Some(Recorded::Ranges(runs, count)) => (runs.clone(), *count),
+                _ => (Vec::new(), 0),
+            };
+            let end = range.offset.saturating_add(range.len);
+            runs.push((range.offset, end));
+            Recorded::Ranges(merge_runs(runs), count.saturating_add(1))
+        }
+    }
+}
+
+/// Sorts and merges overlapping or touching `(start, end)` runs.
+pub fn merge_runs(mut runs: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    runs.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(runs.len());
+    for (start, end) in runs {
+        match merged.last_mut() {
+            Some(last) if start <= last.1 => last.1 = last.1.max(end),
+            _ => merged.push((start, end)),
+        }
+    }
+    merged
 }
 
 /// Parses a whole log; `None` if the header is wrong.
 fn parse(bytes: &[u8]) -> Option<LoadedDirtyLog> {
-    let mut rest = bytes.strip_prefix(HEADER.as_slice())?;
-    let mut files = Vec::new();
+    let (mut rest, version1) = match bytes.strip_prefix(HEADER.as_slice()) {
+        Some(rest) => (rest, false),
+        None => (bytes.strip_prefix(HEADER_V1.as_slice())?, true),
+    };
+    let mut records = Vec::new();
     let mut valid_len = HEADER.len() as u64;
     let torn_tail = loop {
         if rest.is_empty() {
             break false;
         }
-        let Some(record) = parse_record(rest) else {
+        let Some((record, used)) = parse_record(rest, version1) else {
             break true;
         };
-        let (touched, used) = record;
-        files.push(touched);
+        records.push(record);
         rest = &rest[used..];
         valid_len += used as u64;
     };
     Some(LoadedDirtyLog {
-        files,
+        files: records.iter().map(TouchedFile::from).collect(),
+        records,
         torn_tail,
         valid_len,
+        version1,
     })
 }
 
-fn parse_record(bytes: &[u8]) -> Option<(TouchedFile, usize)> {
+fn parse_record(bytes: &[u8], version1: bool) -> Option<(DirtyRecord, usize)> {
     let len = u32::from_le_bytes(bytes.get(0..4)?.try_into().ok()?);
     if len > MAX_RECORD_LEN {
         return None;
@@ -294,11 +534,16 @@ fn parse_record(bytes: &[u8]) -> Option<(TouchedFile, usize)> {
     if crc32c::crc32c(body) != crc {
         return None;
     }
-    let (touched, rest): (TouchedFile, _) = postcard::take_from_bytes(body).ok()?;
-    if !rest.is_empty() || touched.path.validate().is_err() {
+    let (record, rest) = if version1 {
+        let (touched, rest): (TouchedFile, _) = postcard::take_from_bytes(body).ok()?;
+        (DirtyRecord::from(touched), rest)
+    } else {
+        postcard::take_from_bytes::<DirtyRecord>(body).ok()?
+    };
+    if !rest.is_empty() || record.path.validate().is_err() {
         return None;
     }
-    Some((touched, 8 + len as usize))
+    Some((record, 8 + len as usize))
 }
 
 #[cfg(test)]
@@ -322,6 +567,22 @@ mod tests {
         }
     }
 
+    fn ranged_at(path: &str, offset: u64, len: u64) -> TouchedFile {
+        TouchedFile {
+            dir: 1,
+            path: RelPath::parse(path.as_bytes()).expect("valid"),
+            range: Some(ByteRange { offset, len }),
+        }
+    }
+
+    fn record(path: &str, change: Change) -> DirtyRecord {
+        DirtyRecord {
+            dir: 0,
+            path: RelPath::parse(path.as_bytes()).expect("valid"),
+            change,
+        }
+    }
+
     #[test]
     fn records_survive_reopen_and_hot_files_are_recorded_once() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -332,7 +593,8 @@ mod tests {
         assert_eq!(
             log.record(&[ranged("big", 0), ranged("big", 4096)])
                 .expect("record"),
-            2
+            1,
+            "the second range lies in the first one's granule"
         );
         drop(log);
         let loaded = DirtyLog::load(&path).expect("load");
@@ -342,16 +604,140 @@ mod tests {
             vec![
                 whole("a"),
                 whole("b/c"),
-                ranged("big", 0),
-                ranged("big", 4096)
+                ranged_at("big", 0, RANGE_GRANULE)
             ]
         );
         let log = DirtyLog::open(&path).expect("reopen");
         assert!(log.contains(0, &RelPath::parse(b"a").expect("valid")));
         assert_eq!(
-            log.record(&[whole("a")]).expect("record"),
+            log.record(&[whole("a"), ranged("big", 8192)])
+                .expect("record"),
             0,
             "dedupe index rebuilt from the file"
+        );
+    }
+
+    #[test]
+    fn ranges_are_kept_apart_and_a_sequential_writer_costs_few_records() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("dirty");
+        let log = DirtyLog::open(&path).expect("open");
+        // Scattered writes: one record each, exactly the granules written.
+        for block in [3u64, 40, 17] {
+            log.record(&[ranged_at("scattered", block << 20, 4096)])
+                .expect("record");
+        }
+        // 64 MiB written sequentially in 128 KiB writes.
+        let mut written = 0;
+        for offset in (0..64u64 << 20).step_by(128 << 10) {
+            written += log
+                .record(&[ranged_at("sequential", offset, 128 << 10)])
+                .expect("record");
+        }
+        let loaded = DirtyLog::load(&path).expect("load");
+        let scattered: Vec<_> = loaded
+            .files
+            .iter()
+            .filter(|f| f.path.to_bytes() == b"scattered")
+            .map(|f| f.range.expect("ranged"))
+            .collect();
+        assert_eq!(
+            scattered,
+            [3u64, 40, 17]
+                .iter()
+                .map(|b| ByteRange {
+                    offset: b << 20,
+                    len: RANGE_GRANULE
+                })
+                .collect::<Vec<_>>()
+        );
+        assert!(
+            written <= 16,
+            "a sequential writer of 512 writes wrote {written} records"
+        );
+        let covered = merge_runs(
+            loaded
+                .files
+                .iter()
+                .filter(|f| f.path.to_bytes() == b"sequential")
+                .map(|f| f.range.expect("ranged"))
+                .map(|r| (r.offset, r.offset + r.len))
+                .collect(),
+        );
+        assert_eq!(covered.len(), 1);
+        assert!(covered[0].0 == 0 && covered[0].1 >= 64 << 20, "{covered:?}");
+    }
+
+    #[test]
+    fn attributes_records_never_hide_data_records() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("dirty");
+        let log = DirtyLog::open(&path).expect("open");
+        let range = Change::Range(ByteRange {
+            offset: 0,
+            len: RANGE_GRANULE,
+        });
+        let written = log
+            .record_changes(&[
+                record("d", Change::Attrs),
+                record("d", Change::Attrs),
+                record("f", Change::Attrs),
+                record("f", range),
+                record("f", Change::Attrs),
+                record("d", Change::Whole),
+            ])
+            .expect("record");
+        assert_eq!(written, 4);
+        let loaded = DirtyLog::load(&path).expect("load");
+        assert_eq!(
+            loaded.records,
+            vec![
+                record("d", Change::Attrs),
+                record("f", Change::Attrs),
+                record("f", range),
+                record("d", Change::Whole),
+            ]
+        );
+    }
+
+    #[test]
+    fn operations_map_to_names_ranges_and_attributes() {
+        let p = |s: &str| RelPath::parse(s.as_bytes()).expect("valid");
+        let rename = Op::Rename {
+            dir: 0,
+            from: p("a/x"),
+            to: p("b/y"),
+            flags: 0,
+        };
+        assert_eq!(
+            records_of(&rename),
+            vec![record("a/x", Change::Whole), record("b/y", Change::Whole)]
+        );
+        let times = Op::SetAttr {
+            dir: 0,
+            path: p("a"),
+            mode: None,
+            uid: None,
+            gid: None,
+            atime: None,
+            mtime: None,
+        };
+        assert_eq!(records_of(&times), vec![record("a", Change::Attrs)]);
+        let write = Op::Write {
+            dir: 0,
+            path: p("f"),
+            offset: 10,
+            data: vec![1; 5],
+        };
+        assert_eq!(
+            records_of(&write),
+            vec![record(
+                "f",
+                Change::Range(ByteRange {
+                    offset: 10,
+                    len: 5
+                })
+            )]
         );
     }
 
@@ -360,12 +746,37 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("dirty");
         let log = DirtyLog::open(&path).expect("open");
-        for block in 0..100u64 {
-            log.record(&[ranged("hot", block * 4096)]).expect("record");
+        for block in 0..u64::from(MAX_RANGES_PER_FILE) + 50 {
+            log.record(&[ranged("hot", block << 20)]).expect("record");
         }
         let loaded = DirtyLog::load(&path).expect("load");
         assert_eq!(loaded.files.len(), MAX_RANGES_PER_FILE as usize + 1);
         assert_eq!(loaded.files.last().expect("records").range, None);
+    }
+
+    #[test]
+    fn a_version1_log_is_read_and_converted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("dirty");
+        let mut bytes = HEADER_V1.to_vec();
+        for touched in [whole("old"), ranged("old-big", 0)] {
+            let body = postcard::to_allocvec(&touched).expect("encode");
+            bytes.extend_from_slice(&u32::try_from(body.len()).expect("small").to_le_bytes());
+            bytes.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+            bytes.extend_from_slice(&body);
+        }
+        std::fs::write(&path, &bytes).expect("write");
+        let before = DirtyLog::load(&path).expect("load v1");
+        assert!(before.version1);
+        assert_eq!(before.files, vec![whole("old"), ranged("old-big", 0)]);
+        let log = DirtyLog::open(&path).expect("open converts");
+        log.record(&[whole("new")]).expect("record");
+        let after = DirtyLog::load(&path).expect("load v2");
+        assert!(!after.version1 && !after.torn_tail);
+        assert_eq!(
+            after.files,
+            vec![whole("old"), ranged("old-big", 0), whole("new")]
+        );
     }
 
     #[test]

@@ -91,6 +91,26 @@ pub enum AdminRequest {
     ModuleList,
     /// Liveness probe.
     Ping,
+    /// `safekit boot on|off`: the switch file was just written; the agent
+    /// logs who changed it (the file, not this message, is the setting).
+    Boot { module: String, on: bool },
+    /// `safekit set -r RESOURCE -v up|down [-i identity]`: a custom checker's program reports.
+    SetResource {
+        module: String,
+        resource: String,
+        up: bool,
+        identity: Option<String>,
+    },
+    /// `safekit get -r RESOURCE`: the resource's value (`up`, `down`, `init`) in `Ok`'s message.
+    GetResource { module: String, resource: String },
+    /// `safekit level`: the agent's version, protocol versions and build features.
+    Level,
+    /// `safekit config -m M`: reload the module's (already validated)
+    /// `userconfig.xml`; refused unless the module is STOP.
+    ApplyConfig { module: String, caller: Caller },
+    /// `safekit cluster config`: reload `SAFEVAR/cluster/cluster.xml` (already
+    /// installed) for every module; refused while a module runs.
+    ApplyClusterConfig { caller: Caller },
 }
 
 /// Levels of `safekit printe|printw|printi`.

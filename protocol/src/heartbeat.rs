@@ -220,6 +220,8 @@ pub enum Detail {
     NoUpToDateNode,
     /// WAIT: an impossible combination was seen; resolved to the safe side.
     Inconsistent,
+    /// WAIT: a `wait()` rule holds the module until its resource is up again.
+    ResourceDown,
 }
 
 /// One generation of a history.

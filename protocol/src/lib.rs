@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod admin_remote;
 pub mod auth;
 pub mod frame;
 pub mod heartbeat;

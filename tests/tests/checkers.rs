@@ -189,13 +189,10 @@ fn a_killed_process_is_restarted_then_maxloop_fails_over() {
         });
         let log = node1.log();
         assert!(
-            log.contains(&format!("Rule errd.{APP} fired: resource proc.{APP} down (0 process(es), at least 1 wanted): action restart ({round}/2 of maxloop")),
+            log.contains(&format!("Rule errd fired: resource proc.{APP} down (0 process(es), at least 1 wanted): action restart ({round}/2 of maxloop")),
             "the log says which rule fired and why: {log}"
         );
-        assert!(
-            log.contains(&format!("Action restart called by errd.{APP}")),
-            "{log}"
-        );
+        assert!(log.contains("Action restart called by errd"), "{log}");
     }
     assert_eq!(node2.state(), SECOND, "no failover for a local restart");
 
@@ -300,7 +297,7 @@ fn with_no_witness_reachable_neither_side_runs_alone() {
 }
 
 #[test]
-fn interface_checker_moves_the_application_when_the_nic_loses_its_link() {
+fn interface_checker_waits_while_the_nic_has_no_link_and_rejoins_when_it_is_back() {
     if !require_root() {
         return;
     }
@@ -312,19 +309,21 @@ fn interface_checker_moves_the_application_when_the_nic_loses_its_link() {
             r#"<check><intf ident="default" interval="1"><to local_addr="{}"/></intf></check>"#,
             node.addr(0)
         );
-        module(r#"maxloop="1""#, &check).install(&cluster, node)
+        module(r#"maxloop="3""#, &check).install(&cluster, node)
     };
     let node1 = install(1);
     let node2 = install(2);
     let _agents = start_agents([&node1, &node2]);
     first_start(&node1, &node2);
+    wait_checker_up(&node1, "the link to be seen up", "intf.default");
+
+    // The link goes: SafeKit's interface rule is `wait`: node1 hands over and waits.
     cluster
         .link_down(cluster.node(1), 0)
         .expect("node1's eth0 down");
     node2.wait_state(ALONE);
-    node1.wait_for("node1 to give the application up", || {
-        matches!(node1.state(), STOP | WAIT | SECOND) && !app_running(&node1)
-    });
+    node1.wait_state(WAIT);
+    node1.wait_for("node1 to give the application up", || !app_running(&node1));
     let log = node1.log();
     assert!(
         log.contains(
@@ -332,5 +331,182 @@ fn interface_checker_moves_the_application_when_the_nic_loses_its_link() {
         ),
         "{log}"
     );
+    assert!(
+        log.contains("Action wait called by interface_failure"),
+        "{log}"
+    );
+    assert_eq!(
+        node1
+            .safekit_ok(&format!("get -m {MODULE} -r intf.default"))
+            .trim(),
+        "down"
+    );
+    // Still waiting while the link stays down (the second heartbeat LAN keeps the peer in view).
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert_eq!(node1.state(), WAIT, "held in WAIT while the link is down");
     assert_eq!(node2.state(), ALONE, "node2 runs the application");
+
+    // The link is back: the implicit wakeup starts node1 again, as SECOND of node2.
+    cluster
+        .link_up(cluster.node(1), 0)
+        .expect("node1's eth0 up");
+    node1.wait_state(SECOND);
+    node2.wait_state(PRIM);
+    let log = node1.log();
+    assert!(
+        log.contains("Action wakeup called by Implicit_wakeup: intf.default up again"),
+        "{log}"
+    );
+    assert!(app_running(&node2), "node2 still runs the application");
+}
+
+/// A custom checker program: reports `custom.app` down while the flag file
+/// `$SAFEUSERVAR/app_down` exists, up otherwise, every 200 ms.
+const CUSTOM_CHECKER: &str = r#"#!/bin/sh
+while true; do
+    if [ -e "$SAFEUSERVAR/app_down" ]; then value=down; else value=up; fi
+    "$SAFE/safekit" set -r custom.app -v "$value" -i app || echo "set failed"
+    sleep 0.2
+done
+"#;
+
+#[test]
+fn custom_checker_reports_with_safekit_set_and_its_rule_fails_over() {
+    if !require_root() {
+        return;
+    }
+    let cluster = two_nodes(1);
+    let check = r#"<check><custom ident="app" exec="check_app" action="stopstart"/></check>"#;
+    let ([node1, node2], _agents) = module("", check)
+        .script("check_app", CUSTOM_CHECKER)
+        .start_pair(&cluster);
+    let get = |node: &AgentNode<'_>| {
+        node.safekit_ok(&format!("get -m {MODULE} -r custom.app"))
+            .trim()
+            .to_string()
+    };
+    // when="prim" (the default): the program runs on the primary only.
+    node1.wait_for("the custom checker to report up", || get(&node1) == "up");
+    assert_eq!(get(&node2), "init", "no program on the secondary");
+    wait_checker_up(&node1, "state -v to show the checker up", "custom.app");
+
+    // Setting an unknown resource is refused with the resources that can be set.
+    let refused = node1.safekit(&format!("set -m {MODULE} -r custom.nope -v down"));
+    assert!(!refused.success(), "an unknown resource is refused");
+    assert!(
+        refused.stderr.contains("unknown resource custom.nope")
+            && refused.stderr.contains("custom.app"),
+        "{}",
+        refused.stderr
+    );
+
+    // The program sees the failure: its rule c_app (stopstart) moves the application.
+    std::fs::write(node1.module_var_dir().join("app_down"), "").expect("flag");
+    node2.wait_state(ALONE);
+    node1.wait_state(SECOND);
+    let log = node1.log();
+    assert!(
+        log.contains("Rule c_app fired: resource custom.app down (set to down by app)"),
+        "the log names the rule and the resource: {log}"
+    );
+    assert!(log.contains("Action stop called by c_app"), "{log}");
+    // node2's own program runs now that it is primary; node1's was stopped.
+    node2.wait_for("node2's checker to report up", || get(&node2) == "up");
+    assert_eq!(
+        get(&node1),
+        "init",
+        "node1 is SECOND: its program is stopped"
+    );
+    let program_on_node1 = node1
+        .node()
+        .run("pgrep -f '[c]heck_app'")
+        .expect("run pgrep");
+    assert!(!program_on_node1.success(), "node1's program was killed");
+    assert!(app_running(&node2), "node2 runs the application");
+}
+
+#[test]
+fn an_explicit_wait_rule_on_a_custom_resource_holds_the_node_until_it_is_up() {
+    if !require_root() {
+        return;
+    }
+    let cluster = two_nodes(1);
+    // The checker's own action is SafeKit's default, noaction: only the rule acts.
+    let config = r#"<check><custom ident="app" exec="check_app"/></check>
+<failover><![CDATA[
+app_down: if (custom.app == down) then wait();
+]]></failover>"#;
+    let ([node1, node2], _agents) = module("", config)
+        .script("check_app", CUSTOM_CHECKER)
+        .start_pair(&cluster);
+    wait_checker_up(&node1, "the custom checker to report up", "custom.app");
+
+    let flag = node1.module_var_dir().join("app_down");
+    std::fs::write(&flag, "").expect("flag");
+    node2.wait_state(ALONE);
+    node1.wait_state(WAIT);
+    let log = node1.log();
+    assert!(
+        log.contains(
+            "Rule app_down fired: resource custom.app down (set to down by app): action wait"
+        ),
+        "{log}"
+    );
+    assert!(log.contains("Action wait called by app_down"), "{log}");
+    assert!(!app_running(&node1), "node1 gave the application up");
+    // The program keeps running in WAIT: it is what reports the resource up again.
+    assert_eq!(
+        node1
+            .safekit_ok(&format!("get -m {MODULE} -r custom.app"))
+            .trim(),
+        "down"
+    );
+
+    std::fs::remove_file(&flag).expect("remove the flag");
+    node1.wait_state(SECOND);
+    assert!(
+        node1
+            .log()
+            .contains("Action wakeup called by Implicit_wakeup: custom.app up again"),
+        "{}",
+        node1.log()
+    );
+    node2.wait_state(PRIM);
+}
+
+#[test]
+fn a_virtual_ip_removed_by_hand_makes_the_primary_fail_over() {
+    if !require_root() {
+        return;
+    }
+    let cluster = two_nodes(1);
+    let vip = cluster.spare_addr(0, 0);
+    let config = format!(
+        r#"<vip><interface_list><interface><real_interface>
+  <virtual_addr addr="{vip}" where="one_side_alias" check="on"/>
+</real_interface></interface></interface_list></vip>"#
+    );
+    let ([node1, node2], _agents) = module("", &config).start_pair(&cluster);
+    let checker = format!("ip.{vip}");
+    wait_checker_up(&node1, "the VIP checker to see the address", &checker);
+
+    node1
+        .node()
+        .run_ok(format!(
+            "cidr=$(ip -o -4 addr show dev eth0 | awk '{{print $4}}' | grep '^{vip}/') && ip addr del \"$cidr\" dev eth0"
+        ))
+        .expect("delete the virtual IP by hand");
+    node2.wait_state(ALONE);
+    node1.wait_for("node1 to be back as SECOND", || node1.state() == SECOND);
+    let log = node1.log();
+    assert!(
+        log.contains(&format!("Rule ip_failure fired: resource {checker} down")),
+        "{log}"
+    );
+    assert!(log.contains("Action stop called by ip_failure"), "{log}");
+    let on_node2 = node2
+        .node()
+        .run(format!("ip -o addr show | grep -w {vip}"))
+        .expect("ip addr");
+    assert!(on_node2.success(), "the virtual IP moved to node2");
 }

@@ -7,6 +7,7 @@
 mod bench;
 mod demo;
 mod fuzz;
+mod install;
 mod package;
 mod pjdfs;
 mod tidy;
@@ -61,6 +62,10 @@ enum Task {
         /// The node: node1, node2 or client.
         node: String,
     },
+    /// Build (release) and install the agent in SafeKit's layout with its systemd unit (root; --destdir for packagers).
+    Install(install::InstallArgs),
+    /// Remove what `install` put there (SAFEVAR, modules and edited files only with --purge).
+    Uninstall(install::UninstallArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -79,6 +84,8 @@ fn main() -> anyhow::Result<()> {
         Task::Demo(args) => demo::run(&root, args),
         Task::Shell { node } => demo::shell(&node),
         Task::Package => package::run(&root, &root.join("target").join("packages")).map(drop),
+        Task::Install(args) => install::run_install(&root, args),
+        Task::Uninstall(args) => install::run_uninstall(args),
     }
 }
 

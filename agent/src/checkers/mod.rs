@@ -11,29 +11,39 @@
 //!
 //! | config | resource | rule (caller) | period, stability |
 //! |---|---|---|---|
-//! | `<errd polltimer><proc name atleast action class/>` | `proc.<name>` | `errd.<name>` | `polltimer`, none (as errd) |
-//! | `<tcp ident><to addr port/></tcp>` | `tcp.<ident>` | `t_<ident>` | `interval`, `interval` |
-//! | `<ping ident><to addr/></ping>` | `ping.<ident>` | `p_<ident>` | `interval`, `interval` |
-//! | `<intf ident><to local_addr/></intf>` | `intf.<ident>` | `interface_failure` | `interval`, `interval` |
-//! | `<ip ident><to addr/></ip>` | `ip.<ident>` | `ip_failure` (stopstart, on the primary) | `interval`, `interval` |
-//! | `<module [ident] name><to addr port/></module>` | `module.<ident>_<addr>` | `module_failure` | `interval`, `interval` |
+//! | config | resource | rule (caller), default action | period, stability |
+//! |---|---|---|---|
+//! | `<errd polltimer><proc name atleast action class/>` | `proc.<name>` | `errd`, stopstart | `polltimer`, none (as errd) |
+//! | `<tcp ident><to addr port/></tcp>` | `tcp.<ident>` | `t_<ident>`, restart (`when="pre"`: wait) | `interval`, `interval` |
+//! | `<ping ident><to addr/></ping>` | `ping.<ident>` | `p_<ident>`, wait | `interval`, `interval` |
+//! | `<intf ident><to local_addr/></intf>` | `intf.<ident>` | `interface_failure`, wait | `interval`, `interval` |
+//! | `<ip ident><to addr/></ip>`, `<virtual_addr check="on">` | `ip.<ident>`, `ip.<addr>` | `ip_failure`, stopstart (on the primary) | `interval` (generated: 3 s), same |
+//! | `<custom ident when exec arg action/>` | `custom.<ident>` | `c_<ident>`, noaction | set by its program (`safekit set`), none |
+//! | `<module [ident] name><to addr port/></module>` | `module.<ident>_<addr>` | `module_failure`, wait | `interval`, `interval` |
 //! | `<splitbrain ident exec="ping" arg="ip1 ip2"/>` | `splitbrain.<ident>` | (fed to the machine before ALONE) | 1 s, none |
 //!
 //! A checker is *active* (its down verdict fires its rule) only in the states
 //! of its class (`prim`: ALONE/PRIM, `both`: ALONE/PRIM/SECOND, `pre`: any
 //! running state), and never while a script runs; an inactive checker's
 //! verdict is forgotten, so after a restart it must be seen down again for
-//! its stability delay before it fires again.
+//! its stability delay before it fires again. A checker whose resource the
+//! module waits for (a `wait` rule fired) stays active in WAIT, so that its
+//! up verdict can wake the module; it does not fire again meanwhile.
 //!
-//! `wait` and `swap` actions are not implemented yet: they are logged only.
+//! A custom checker has no probe: its program ([`custom`]) runs while the
+//! checker's class holds and reports with `safekit set -r custom.<ident> -v
+//! up|down`, which arrives here through [`CheckerSet::set`].
 
+pub mod custom;
 pub mod ping;
 pub mod probes;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use safekit_core::cluster::rules::{self, Decision, LocalAction, LoopCounter, Stability};
+use safekit_core::cluster::rules::{
+    self, Decision, LocalAction, LoopCounter, ResourceValue, Rule, Stability,
+};
 use safekit_core::cluster::{SecondPhase, State};
 use safekit_core::config::{CheckerAction, CheckerKind, ProcAction, UserConfig, When};
 
@@ -62,7 +72,8 @@ pub enum Class {
 }
 
 impl Class {
-    fn active_in(self, state: State) -> bool {
+    /// Whether a checker of this class runs in `state`.
+    pub fn active_in(self, state: State) -> bool {
         match self {
             Class::Pre => state != State::Stop,
             Class::Prim => matches!(state, State::Alone | State::Prim),
@@ -121,6 +132,13 @@ pub enum Probe {
         /// The watched module.
         module: String,
     },
+    /// A program of the module's `bin/` that reports with `safekit set` (never polled).
+    Custom {
+        /// The program, relative to `SAFEUSERBIN` (or absolute).
+        exec: String,
+        /// Its arguments (the `arg` attribute, split at white space).
+        args: Vec<String>,
+    },
 }
 
 /// One configured checker.
@@ -174,7 +192,7 @@ pub fn specs(config: &UserConfig) -> (Vec<CheckerSpec>, Vec<String>) {
             };
             specs.push(CheckerSpec {
                 resource: format!("proc.{}", proc.name),
-                rule: format!("errd.{}", proc.name),
+                rule: "errd".into(),
                 action,
                 class,
                 witness: false,
@@ -198,7 +216,8 @@ pub fn specs(config: &UserConfig) -> (Vec<CheckerSpec>, Vec<String>) {
             Some(CheckerAction::Stopstart) => Some(LocalAction::Stopstart),
             Some(CheckerAction::Stop) => Some(LocalAction::Stop),
             Some(CheckerAction::Noaction) => Some(LocalAction::Noaction),
-            Some(CheckerAction::Wait | CheckerAction::Swap) => None,
+            Some(CheckerAction::Wait) => Some(LocalAction::Wait),
+            Some(CheckerAction::Swap) => Some(LocalAction::Swap),
         };
         let parse_ip = |text: &str| {
             text.trim_start_matches('[')
@@ -216,21 +235,33 @@ pub fn specs(config: &UserConfig) -> (Vec<CheckerSpec>, Vec<String>) {
             stability: checker.interval,
             probe,
         };
+        // A probe ends before the next one starts (an unset 5 s timeout with a shorter interval).
+        let base = |rule: String, action, probe| {
+            let mut spec = base(rule, action, probe);
+            spec.timeout = spec.timeout.min(spec.period);
+            spec
+        };
         match checker.kind {
             CheckerKind::Tcp => {
                 for to in &checker.to {
                     let addr = to.addr.as_deref().map(parse_ip);
                     match (addr, to.port) {
                         (Some(Ok(ip)), Some(port)) => {
+                            // SafeKit: restart, but wait for a checker of every running state.
+                            let default = if checker.when == When::Pre {
+                                LocalAction::Wait
+                            } else {
+                                LocalAction::Restart
+                            };
                             let mut spec = base(
                                 format!("t_{ident}"),
-                                action(LocalAction::Restart),
+                                action(default),
                                 Probe::Tcp {
                                     addr: std::net::SocketAddr::new(ip, port),
                                 },
                             );
                             spec.period = to.interval.unwrap_or(spec.period);
-                            spec.timeout = to.timeout.unwrap_or(spec.timeout);
+                            spec.timeout = to.timeout.unwrap_or(spec.timeout).min(spec.period);
                             specs.push(spec);
                         }
                         _ => problems.push(format!(
@@ -249,8 +280,7 @@ pub fn specs(config: &UserConfig) -> (Vec<CheckerSpec>, Vec<String>) {
                 match addrs {
                     Ok(addrs) if !addrs.is_empty() => specs.push(base(
                         format!("p_{ident}"),
-                        // SafeKit's default is `wait`, not implemented yet.
-                        checker.action.and_then(|_| action(LocalAction::Noaction)),
+                        action(LocalAction::Wait),
                         Probe::Ping { addrs },
                     )),
                     _ => problems.push(format!(
@@ -263,9 +293,8 @@ pub fn specs(config: &UserConfig) -> (Vec<CheckerSpec>, Vec<String>) {
                     match to.local_addr.as_deref().map(parse_ip) {
                         Some(Ok(local_addr)) => specs.push(base(
                             "interface_failure".into(),
-                            // SafeKit's static rule is `wait`; until WAIT-until-up
-                            // exists, a stopstart moves the application to the peer.
-                            Some(LocalAction::Stopstart),
+                            // SafeKit's static rule: wait until the link is back.
+                            Some(LocalAction::Wait),
                             Probe::Interface { local_addr },
                         )),
                         _ => problems.push(format!(
@@ -313,8 +342,7 @@ pub fn specs(config: &UserConfig) -> (Vec<CheckerSpec>, Vec<String>) {
                             );
                             let mut spec = base(
                                 "module_failure".into(),
-                                // SafeKit's `wait` is not implemented yet: logged only.
-                                None,
+                                Some(LocalAction::Wait),
                                 Probe::Module {
                                     addr,
                                     module: module.clone(),
@@ -322,7 +350,7 @@ pub fn specs(config: &UserConfig) -> (Vec<CheckerSpec>, Vec<String>) {
                             );
                             spec.resource = format!("module.{ident}_{ip}");
                             spec.period = to.interval.unwrap_or(spec.period);
-                            spec.timeout = to.timeout.unwrap_or(spec.timeout);
+                            spec.timeout = to.timeout.unwrap_or(spec.timeout).min(spec.period);
                             specs.push(spec);
                         }
                         Some(Ok(_)) => problems.push(format!(
@@ -353,14 +381,88 @@ pub fn specs(config: &UserConfig) -> (Vec<CheckerSpec>, Vec<String>) {
                     }
                 }
             }
-            CheckerKind::Custom => problems.push(format!(
-                "{} checker {ident} is not supported yet: not run",
-                checker.kind.element()
+            CheckerKind::Custom => match checker.exec.as_deref().filter(|exec| !exec.is_empty()) {
+                Some(exec) => {
+                    let mut spec = base(
+                        format!("c_{ident}"),
+                        action(LocalAction::Noaction),
+                        Probe::Custom {
+                            exec: exec.to_string(),
+                            args: checker
+                                .arg
+                                .as_deref()
+                                .unwrap_or("")
+                                .split_whitespace()
+                                .map(str::to_string)
+                                .collect(),
+                        },
+                    );
+                    // The program decides when a value is stable.
+                    spec.stability = Duration::ZERO;
+                    specs.push(spec);
+                }
+                None => problems.push(format!("custom checker {ident}: no exec: not run")),
+            },
+        }
+    }
+    // `<virtual_addr check="on">`: an ip checker per address (SafeKit's `ip.<addr>`).
+    let virtual_addrs = service
+        .vip
+        .iter()
+        .flat_map(|vip| vip.interface_list.iter())
+        .flat_map(|interface| {
+            interface
+                .real_interface
+                .iter()
+                .flat_map(|real| real.virtual_addr.iter())
+                .chain(
+                    interface
+                        .virtual_interface
+                        .iter()
+                        .flat_map(|virt| virt.virtual_addr.iter()),
+                )
+        })
+        .filter(|virtual_addr| virtual_addr.check);
+    for virtual_addr in virtual_addrs {
+        let text = virtual_addr
+            .addr
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let resource = format!("ip.{}", virtual_addr.addr);
+        if specs.iter().any(|spec| spec.resource == resource) {
+            continue;
+        }
+        match text.parse::<std::net::IpAddr>() {
+            Ok(addr) => specs.push(CheckerSpec {
+                resource,
+                rule: "ip_failure".into(),
+                action: Some(LocalAction::Stopstart),
+                class: Class::Prim,
+                witness: false,
+                period: GENERATED_IP_PERIOD,
+                timeout: GENERATED_IP_PERIOD,
+                stability: GENERATED_IP_PERIOD,
+                probe: Probe::LocalAddress { addr },
+            }),
+            Err(_) => problems.push(format!(
+                "virtual_addr {}: check=\"on\" needs a numeric address: not checked",
+                virtual_addr.addr
             )),
         }
     }
+    if let Some(failover) = &service.failover_rules {
+        let (_, rule_problems) = rules::parse_rules(&failover.rules);
+        problems.extend(
+            rule_problems
+                .into_iter()
+                .map(|problem| format!("failover: {problem}")),
+        );
+    }
     (specs, problems)
 }
+
+/// Period (and stability delay) of the ip checkers generated by `<virtual_addr check="on">`.
+pub const GENERATED_IP_PERIOD: Duration = Duration::from_secs(3);
 
 /// Starts one probe task per checker; each observation goes to `send` (false: stop).
 ///
@@ -371,6 +473,10 @@ where
     F: Fn(Observation) -> bool + Clone + Send + Sync + 'static,
 {
     for spec in specs {
+        if matches!(spec.probe, Probe::Custom { .. }) {
+            // Reported by its program, not polled.
+            continue;
+        }
         let spec = spec.clone();
         let send = send.clone();
         tokio::spawn(async move {
@@ -417,6 +523,19 @@ pub struct Outcome {
 pub struct CheckerSet {
     entries: BTreeMap<String, Entry>,
     counter: LoopCounter,
+    /// The `<failover>` rules.
+    rules: Vec<Rule>,
+    /// Labels of the rules whose condition holds (a rule fires when it starts to hold).
+    holding: BTreeSet<String>,
+}
+
+/// The module's `<failover>` rules that the agent runs (see [`rules::parse_rules`];
+/// what it cannot run is reported by [`specs`]).
+pub fn failover_rules(config: &UserConfig) -> Vec<Rule> {
+    match &config.service.failover_rules {
+        Some(failover) => rules::parse_rules(&failover.rules).0,
+        None => Vec::new(),
+    }
 }
 
 impl CheckerSet {
@@ -438,7 +557,54 @@ impl CheckerSet {
                 })
                 .collect(),
             counter: LoopCounter::new(maxloop, loop_interval),
+            rules: Vec::new(),
+            holding: BTreeSet::new(),
         }
+    }
+
+    /// The set with the module's explicit `<failover>` rules ([`failover_rules`]).
+    #[must_use]
+    pub fn with_rules(mut self, rules: Vec<Rule>) -> Self {
+        self.rules = rules;
+        self
+    }
+
+    /// Every resource with its value, for the rules.
+    fn values(&self) -> Vec<(&str, ResourceValue)> {
+        self.entries
+            .values()
+            .map(|entry| {
+                let value = match entry.stability.verdict() {
+                    Some(true) => ResourceValue::Up,
+                    Some(false) => ResourceValue::Down,
+                    None => ResourceValue::Init,
+                };
+                (entry.spec.resource.as_str(), value)
+            })
+            .collect()
+    }
+
+    /// Evaluates the explicit rules; returns the first that starts to hold
+    /// and whose action does something (`fire`: false only updates which hold).
+    fn evaluate_rules(&mut self, fire: bool) -> Option<Rule> {
+        let values = self.values();
+        let mut fired = None;
+        let mut holding = BTreeSet::new();
+        for rule in &self.rules {
+            if !rule.condition.holds(&values) {
+                continue;
+            }
+            holding.insert(rule.label.clone());
+            if fire
+                && fired.is_none()
+                && rule.action != LocalAction::Noaction
+                && !self.holding.contains(&rule.label)
+            {
+                fired = Some(rule.clone());
+            }
+        }
+        self.holding = holding;
+        fired
     }
 
     /// An operator command: `maxloop` counts from zero again.
@@ -446,13 +612,16 @@ impl CheckerSet {
         self.counter.reset();
     }
 
-    /// Handles an observation at `now` while the module is in `state` (`transient`: a script runs).
+    /// Handles an observation at `now` while the module is in `state`
+    /// (`transient`: a script runs; `waited`: the module waits in WAIT for
+    /// this resource, after a `wait` rule).
     pub fn observe(
         &mut self,
         now: Duration,
         observation: Observation,
         state: State,
         transient: bool,
+        waited: bool,
     ) -> Outcome {
         let mut outcome = Outcome::default();
         let Some(entry) = self.entries.get_mut(&observation.resource) else {
@@ -461,10 +630,14 @@ impl CheckerSet {
         entry.last = Some((observation.up, now, observation.detail.clone()));
         outcome.witness = entry.spec.witness;
         // The witness is watched in every state: the machine needs it when the peer goes.
-        let active = entry.spec.witness || (!transient && entry.spec.class.active_in(state));
+        let active =
+            entry.spec.witness || waited || (!transient && entry.spec.class.active_in(state));
         if !active {
-            entry.stability.reset();
-            entry.since = None;
+            if entry.stability.verdict().is_some() {
+                entry.stability.reset();
+                entry.since = None;
+                self.evaluate_rules(false);
+            }
             return outcome;
         }
         let Some(up) = entry.stability.observe(now, observation.up) else {
@@ -472,7 +645,51 @@ impl CheckerSet {
         };
         entry.since = Some(now);
         outcome.verdict = Some((entry.spec.resource.clone(), up));
-        if up || entry.spec.witness {
+        if entry.spec.witness {
+            return outcome;
+        }
+        // Explicit rules, except while the module waits for this resource or scripts run.
+        let fire_rules = !waited && !transient && state != State::Stop;
+        let explicit = self.evaluate_rules(fire_rules).map(|rule| {
+            let resources = rule.condition.resources();
+            let resource = if resources.contains(&observation.resource.as_str()) {
+                observation.resource.clone()
+            } else {
+                resources.first().map_or_else(
+                    || observation.resource.clone(),
+                    |first| (*first).to_string(),
+                )
+            };
+            rules::decide(
+                &mut self.counter,
+                now,
+                &rule.label,
+                &resource,
+                &observation.detail,
+                rule.action,
+            )
+        });
+        let Some(entry) = self.entries.get_mut(&observation.resource) else {
+            return outcome;
+        };
+        let builtin_fires = !up && !waited;
+        if !builtin_fires || entry.spec.action == Some(LocalAction::Noaction) {
+            // Only an explicit rule acts (a custom checker's default `noaction`).
+            if let Some(decision) = explicit {
+                self.after_decision(&decision);
+                outcome.decision = Some(decision);
+            } else if builtin_fires {
+                outcome.decision = Some(Decision {
+                    command: None,
+                    then_start: false,
+                    wait_for: None,
+                    caller: entry.spec.rule.clone(),
+                    log: format!(
+                        "Rule {} fired: resource {} down ({}): action noaction",
+                        entry.spec.rule, entry.spec.resource, observation.detail
+                    ),
+                });
+            }
             return outcome;
         }
         let decision = match entry.spec.action {
@@ -487,6 +704,7 @@ impl CheckerSet {
             None => Decision {
                 command: None,
                 then_start: false,
+                wait_for: None,
                 caller: entry.spec.rule.clone(),
                 log: format!(
                     "Rule {} fired: resource {} down ({}): its action is not supported yet, nothing done",
@@ -499,8 +717,109 @@ impl CheckerSet {
             entry.stability.reset();
             entry.since = None;
         }
+        self.after_decision(&decision);
         outcome.decision = Some(decision);
         outcome
+    }
+
+    /// After a rule changed things (a command), its resources are judged
+    /// again from scratch: a rule holding now may fire again later.
+    fn after_decision(&mut self, decision: &Decision) {
+        if decision.command.is_none() {
+            return;
+        }
+        self.evaluate_rules(false);
+    }
+
+    /// Forgets the verdicts of custom checkers that are not active in
+    /// `state` (their program is stopped): `safekit get` shows `init` then,
+    /// not a stale value. Polled checkers forget theirs at their next probe.
+    pub fn forget_inactive(&mut self, state: State, waiting_for: &BTreeSet<String>) {
+        let mut changed = false;
+        for entry in self.entries.values_mut() {
+            if matches!(entry.spec.probe, Probe::Custom { .. })
+                && !entry.spec.class.active_in(state)
+                && !waiting_for.contains(&entry.spec.resource)
+                && entry.stability.verdict().is_some()
+            {
+                entry.stability.reset();
+                entry.since = None;
+                changed = true;
+            }
+        }
+        if changed {
+            self.evaluate_rules(false);
+        }
+    }
+
+    /// `safekit set -r RESOURCE -v up|down`: a custom checker's program
+    /// reports; handled as an observation of that resource.
+    ///
+    /// # Errors
+    /// The resource is not a custom checker of this module: the reason lists those.
+    #[expect(clippy::too_many_arguments, reason = "an observation plus its context")]
+    pub fn set(
+        &mut self,
+        now: Duration,
+        resource: &str,
+        up: bool,
+        identity: Option<&str>,
+        state: State,
+        transient: bool,
+        waited: bool,
+    ) -> Result<Outcome, String> {
+        let custom = self
+            .entries
+            .get(resource)
+            .is_some_and(|entry| matches!(entry.spec.probe, Probe::Custom { .. }));
+        if !custom {
+            let known: Vec<&str> = self
+                .entries
+                .values()
+                .filter(|entry| matches!(entry.spec.probe, Probe::Custom { .. }))
+                .map(|entry| entry.spec.resource.as_str())
+                .collect();
+            return Err(format!(
+                "unknown resource {resource}: resources that can be set: {}",
+                if known.is_empty() {
+                    "none (no <custom> checker in userconfig.xml)".to_string()
+                } else {
+                    known.join(", ")
+                }
+            ));
+        }
+        let detail = match identity {
+            Some(identity) => format!("set to {} by {identity}", if up { "up" } else { "down" }),
+            None => format!("set to {}", if up { "up" } else { "down" }),
+        };
+        let observation = Observation {
+            resource: resource.to_string(),
+            up,
+            detail,
+        };
+        Ok(self.observe(now, observation, state, transient, waited))
+    }
+
+    /// `safekit get -r RESOURCE`: `up`, `down` or `init` (no verdict yet, or the checker is not active).
+    ///
+    /// # Errors
+    /// An unknown resource: the reason lists the module's resources.
+    pub fn get(&self, resource: &str) -> Result<&'static str, String> {
+        match self.entries.get(resource) {
+            Some(entry) => Ok(match entry.stability.verdict() {
+                Some(true) => "up",
+                Some(false) => "down",
+                None => "init",
+            }),
+            None => Err(format!(
+                "unknown resource {resource}: this module's resources: {}",
+                if self.entries.is_empty() {
+                    "none".to_string()
+                } else {
+                    self.entries.keys().cloned().collect::<Vec<_>>().join(", ")
+                }
+            )),
+        }
     }
 
     /// One line per checker for `safekit state -v`: `(checker <resource>, verdict, last probe)`.
@@ -543,7 +862,7 @@ mod tests {
     fn proc_spec(action: LocalAction) -> CheckerSpec {
         CheckerSpec {
             resource: "proc.app".into(),
-            rule: "errd.app".into(),
+            rule: "errd".into(),
             action: Some(action),
             class: Class::Prim,
             witness: false,
@@ -576,8 +895,11 @@ mod tests {
     <tcp ident="web" when="prim"><to addr="127.0.0.1" port="80" interval="3"/></tcp>
     <intf ident="lan"><to local_addr="10.0.0.1"/></intf>
     <splitbrain ident="witness" exec="ping" arg="10.0.0.254 10.0.1.254"/>
-    <custom ident="mine" exec="watch"/>
+    <custom ident="mine" exec="watch" arg="-n 1" when="both"/>
   </check>
+  <vip><interface_list><interface><real_interface>
+    <virtual_addr addr="10.0.0.100" check="on"/>
+  </real_interface></interface></interface_list></vip>
 </service></safe>"#,
         )
         .expect("valid userconfig");
@@ -585,7 +907,14 @@ mod tests {
         let resources: Vec<&str> = specs.iter().map(|spec| spec.resource.as_str()).collect();
         assert_eq!(
             resources,
-            ["proc.app", "tcp.web", "intf.lan", "splitbrain.witness"]
+            [
+                "proc.app",
+                "tcp.web",
+                "intf.lan",
+                "splitbrain.witness",
+                "custom.mine",
+                "ip.10.0.0.100"
+            ]
         );
         assert_eq!(specs[0].class, Class::Both);
         assert_eq!(specs[0].action, Some(LocalAction::Restart));
@@ -599,8 +928,179 @@ mod tests {
                 addrs: vec![[10, 0, 0, 254].into(), [10, 0, 1, 254].into()]
             }
         );
-        assert_eq!(problems.len(), 1, "{problems:?}");
-        assert!(problems[0].contains("custom checker mine is not supported yet"));
+        assert_eq!(specs[2].rule, "interface_failure");
+        assert_eq!(
+            specs[2].action,
+            Some(LocalAction::Wait),
+            "SafeKit's interface rule waits"
+        );
+        assert_eq!(
+            specs[2].timeout,
+            Duration::from_secs(5).min(specs[2].period)
+        );
+        assert_eq!(specs[4].rule, "c_mine");
+        assert_eq!(
+            specs[4].action,
+            Some(LocalAction::Noaction),
+            "custom: only explicit rules act"
+        );
+        assert_eq!(specs[4].class, Class::Both);
+        assert_eq!(
+            specs[4].probe,
+            Probe::Custom {
+                exec: "watch".into(),
+                args: vec!["-n".into(), "1".into()]
+            }
+        );
+        assert_eq!(specs[5].rule, "ip_failure");
+        assert_eq!(specs[5].action, Some(LocalAction::Stopstart));
+        assert_eq!(specs[5].class, Class::Prim);
+        assert!(problems.is_empty(), "{problems:?}");
+    }
+
+    fn custom_spec(action: LocalAction) -> CheckerSpec {
+        CheckerSpec {
+            resource: "custom.app".into(),
+            rule: "c_app".into(),
+            action: Some(action),
+            class: Class::Prim,
+            witness: false,
+            period: Duration::from_secs(10),
+            timeout: Duration::from_secs(5),
+            stability: Duration::ZERO,
+            probe: Probe::Custom {
+                exec: "check".into(),
+                args: Vec::new(),
+            },
+        }
+    }
+
+    #[test]
+    fn safekit_set_feeds_a_custom_checker_and_refuses_other_resources() {
+        let mut set = CheckerSet::new(
+            vec![
+                custom_spec(LocalAction::Stopstart),
+                proc_spec(LocalAction::Restart),
+            ],
+            3,
+            Duration::ZERO,
+        );
+        let now = Duration::from_secs(1);
+        assert_eq!(set.get("custom.app"), Ok("init"));
+        let up = set
+            .set(
+                now,
+                "custom.app",
+                true,
+                Some("app"),
+                State::Prim,
+                false,
+                false,
+            )
+            .expect("a custom resource");
+        assert_eq!(up.verdict, Some(("custom.app".into(), true)));
+        assert_eq!(set.get("custom.app"), Ok("up"));
+        let down = set
+            .set(
+                now,
+                "custom.app",
+                false,
+                Some("app"),
+                State::Prim,
+                false,
+                false,
+            )
+            .expect("a custom resource");
+        let decision = down.decision.expect("c_app fires");
+        assert_eq!(decision.caller, "c_app");
+        assert!(decision.then_start, "stopstart");
+        assert!(
+            decision
+                .log
+                .contains("Rule c_app fired: resource custom.app down (set to down by app)"),
+            "{}",
+            decision.log
+        );
+        let refused = set
+            .set(now, "proc.app", false, None, State::Prim, false, false)
+            .expect_err("not a custom checker");
+        assert!(
+            refused.contains("resources that can be set: custom.app"),
+            "{refused}"
+        );
+        let refused = set.get("custom.nope").expect_err("unknown");
+        assert!(refused.contains("custom.app, proc.app"), "{refused}");
+    }
+
+    #[test]
+    fn with_noaction_only_an_explicit_rule_acts() {
+        let (rules, problems) = rules::parse_rules(&[
+            "app_gone: if (custom.app == down && proc.app == up) then stopstart();".to_string(),
+        ]);
+        assert!(problems.is_empty(), "{problems:?}");
+        let mut set = CheckerSet::new(
+            vec![
+                custom_spec(LocalAction::Noaction),
+                proc_spec(LocalAction::Restart),
+            ],
+            3,
+            Duration::ZERO,
+        )
+        .with_rules(rules);
+        let now = Duration::from_secs(1);
+        set.observe(now, seen(true), State::Prim, false, false);
+        let set_app = |set: &mut CheckerSet, up| {
+            set.set(
+                now,
+                "custom.app",
+                up,
+                Some("app"),
+                State::Prim,
+                false,
+                false,
+            )
+            .expect("custom")
+        };
+        assert_eq!(set_app(&mut set, true).decision, None);
+        let fired = set_app(&mut set, false).decision.expect("app_gone fires");
+        assert_eq!(fired.caller, "app_gone");
+        assert!(fired.then_start, "stopstart");
+        assert!(
+            fired
+                .log
+                .contains("Rule app_gone fired: resource custom.app down (set to down by app)"),
+            "{}",
+            fired.log
+        );
+        // Once the module stopped (checkers inactive), the rule may fire again later.
+        set.set(now, "custom.app", false, None, State::Stop, false, false)
+            .expect("custom");
+        set.observe(now, seen(true), State::Prim, false, false);
+        assert!(set_app(&mut set, false).decision.is_some(), "fires again");
+    }
+
+    #[test]
+    fn a_waited_resource_stays_watched_in_wait_and_does_not_fire_again() {
+        let mut set = CheckerSet::new(vec![custom_spec(LocalAction::Wait)], 3, Duration::ZERO);
+        let now = Duration::from_secs(1);
+        let fired = set
+            .set(now, "custom.app", false, None, State::Prim, false, false)
+            .expect("custom");
+        let decision = fired.decision.expect("c_app fires");
+        assert_eq!(decision.wait_for.as_deref(), Some("custom.app"));
+        let wait = State::Wait(safekit_core::cluster::WaitReason::ResourceDown);
+        let again = set
+            .set(now, "custom.app", false, None, wait, false, true)
+            .expect("custom");
+        assert_eq!(again.decision, None, "no second wait while waiting");
+        let back = set
+            .set(now, "custom.app", true, None, wait, false, true)
+            .expect("custom");
+        assert_eq!(
+            back.verdict,
+            Some(("custom.app".into(), true)),
+            "the wakeup needs this"
+        );
     }
 
     #[test]
@@ -611,7 +1111,7 @@ mod tests {
             Duration::from_secs(3600),
         );
         let now = Duration::from_secs(1);
-        let outcome = set.observe(now, seen(false), State::Alone, false);
+        let outcome = set.observe(now, seen(false), State::Alone, false, false);
         let decision = outcome.decision.expect("the rule fires");
         assert_eq!(decision.command, Some(Command::Restart));
         assert!(
@@ -628,11 +1128,11 @@ mod tests {
         let now = Duration::from_secs(1);
         let second = State::Second(SecondPhase::InSync);
         assert_eq!(
-            set.observe(now, seen(false), second, false),
+            set.observe(now, seen(false), second, false, false),
             Outcome::default()
         );
         assert_eq!(
-            set.observe(now, seen(false), State::Prim, true),
+            set.observe(now, seen(false), State::Prim, true, false),
             Outcome::default()
         );
         let details = set.details(now);

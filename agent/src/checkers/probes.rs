@@ -27,6 +27,10 @@ pub async fn poll(probe: &Probe, timeout: Duration) -> (bool, String) {
                 Err(error) => (false, format!("probe failed: {error}")),
             }
         }
+        Probe::Custom { exec, .. } => (
+            false,
+            format!("custom checker: {exec} reports with safekit set"),
+        ),
         Probe::Tcp { addr } => {
             match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
                 Ok(Ok(_stream)) => (true, format!("{addr} accepts connections")),

@@ -13,9 +13,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use safekit_core::config::{
-    ClusterConfig, ConfigErrors, Diagnostic, Mode, ModuleId, ModulePorts, Platform, UserConfig,
-    ValidationContext, format_duration, parse_cluster, parse_userconfig, root_element_name,
-    validate, validate_cluster,
+    CheckerKind, ClusterConfig, ConfigErrors, Diagnostic, Mode, ModuleId, ModulePorts, Platform,
+    UserConfig, ValidationContext, format_duration, parse_cluster, parse_userconfig,
+    root_element_name, validate, validate_cluster,
 };
 
 /// Arguments of `safekit config check`.
@@ -124,6 +124,9 @@ pub fn run(args: &ConfigCheckArgs) -> Result<CheckReport> {
             }),
         };
         diagnostics.extend(validate(config, &context));
+        if let Some(bin_dir) = &bin_dir {
+            diagnostics.extend(custom_programs_not_executable(config, bin_dir));
+        }
     } else if let Some(cluster) = &cluster {
         diagnostics.extend(validate_cluster(cluster));
     }
@@ -139,6 +142,47 @@ pub fn run(args: &ConfigCheckArgs) -> Result<CheckReport> {
             );
         }
     }))
+}
+
+/// Custom checker programs that exist in `bin/` but cannot be run (no execute
+/// permission, or not a file); a missing one is reported by the validator.
+fn custom_programs_not_executable(config: &UserConfig, bin_dir: &Path) -> Vec<Diagnostic> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let checkers = config
+        .service
+        .check
+        .iter()
+        .flat_map(|check| check.checkers.iter())
+        .filter(|checker| checker.kind == CheckerKind::Custom);
+    let mut diagnostics = Vec::new();
+    for checker in checkers {
+        let Some(exec) = checker.exec.as_deref() else {
+            continue;
+        };
+        let path = crate::checkers::custom::program_path(bin_dir, exec);
+        let Ok(metadata) = fs::metadata(&path) else {
+            // Absent: the validator's "not in the module's bin/ folder" (or an absolute path of another host).
+            continue;
+        };
+        let problem = if !metadata.is_file() {
+            Some("is not a file")
+        } else if metadata.permissions().mode() & 0o111 == 0 {
+            Some("is not executable (chmod +x)")
+        } else {
+            None
+        };
+        if let Some(problem) = problem {
+            diagnostics.push(checker.origin.attribute_error(
+                "exec",
+                format!(
+                    "custom checker {}: {} {problem}: the checker's program could not run",
+                    checker.resource_ident(),
+                    path.display()
+                ),
+            ));
+        }
+    }
+    diagnostics
 }
 
 fn read(path: &Path) -> Result<String> {
@@ -334,5 +378,71 @@ fn describe_ports(config: &UserConfig, ports: ModulePorts) -> String {
         }
         Mode::Farm => format!("farm {}/udp", ports.farm),
         Mode::Light => "none".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::*;
+
+    /// A module folder whose `<check>` holds a custom checker running `bin/check_app`.
+    fn module_with_custom_checker(program: Option<u32>) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        fs::create_dir_all(dir.path().join("conf")).expect("conf/");
+        fs::create_dir_all(dir.path().join("bin")).expect("bin/");
+        fs::write(
+            dir.path().join("conf/userconfig.xml"),
+            "<safe>\n<service mode=\"mirror\">\n<heart><heartbeat name=\"default\"/></heart>\n<user/>\n<check><custom ident=\"app\" exec=\"check_app\"/></check>\n</service>\n</safe>\n",
+        )
+        .expect("userconfig.xml");
+        if let Some(mode) = program {
+            let path = dir.path().join("bin/check_app");
+            fs::write(&path, "#!/bin/sh\n").expect("program");
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode)).expect("chmod");
+        }
+        dir
+    }
+
+    fn check(dir: &tempfile::TempDir) -> CheckReport {
+        run(&ConfigCheckArgs {
+            path: dir.path().to_path_buf(),
+            cluster: None,
+            id: 1,
+            platform: None,
+        })
+        .expect("the check runs")
+    }
+
+    #[test]
+    fn a_custom_checker_program_that_cannot_run_is_refused() {
+        let report = check(&module_with_custom_checker(Some(0o644)));
+        assert!(report.has_errors, "{}", report.output);
+        assert!(
+            report.output.contains(
+                "userconfig.xml:5:28: element <custom> attribute exec: custom checker app:"
+            ) && report.output.contains("check_app is not executable"),
+            "{}",
+            report.output
+        );
+
+        let report = check(&module_with_custom_checker(None));
+        assert!(report.has_errors, "{}", report.output);
+        assert!(
+            report
+                .output
+                .contains("`check_app` is not in the module's bin/ folder"),
+            "{}",
+            report.output
+        );
+
+        let report = check(&module_with_custom_checker(Some(0o755)));
+        assert!(!report.has_errors, "{}", report.output);
+        assert!(
+            report.output.contains("checkers: custom.app"),
+            "{}",
+            report.output
+        );
     }
 }

@@ -101,6 +101,11 @@ pub enum ClusterCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Validate a cluster.xml (FILE, or SAFEVAR/cluster/cluster.xml), install it atomically and have the agent reload it; refused while a module runs.
+    Config {
+        /// The new cluster.xml [default: SAFEVAR/cluster/cluster.xml, reloaded as is].
+        file: Option<PathBuf>,
+    },
 }
 
 /// The verbs handled by the agent (flattened into the `safekit` command).
@@ -138,13 +143,28 @@ pub enum AgentCommand {
     /// Cluster-wide settings.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Start at boot: whether the agent starts a module when it starts (persistent; works with the agent down).
+    #[command(subcommand)]
+    Boot(super::boot::BootCommand),
+    /// Stop every running module and wait until all are STOP (the systemd unit's ExecStop).
+    Shutdown,
+    /// Set a custom checker's resource: `set -r custom.<ident> -v up|down -i <ident>` (for checker programs).
+    Set(super::resource::SetArgs),
+    /// Show a resource's value: up, down or init.
+    Get(super::resource::GetArgs),
+    /// Stop the module, then start it again (on PRIM the peer takes over first, so this node comes back SECOND).
+    Stopstart(ModuleArg),
+    /// Versions of the command and the agent, protocol versions, build features, licence; with -m, the module's too.
+    Level(super::level::LevelArgs),
+    /// Validate SAFE/modules/M/conf/userconfig.xml as `config -m M` would, without applying it.
+    Confcheck(super::apply::ConfcheckArgs),
 }
 
 fn safevar() -> PathBuf {
     std::env::var_os("SAFEVAR").map_or_else(|| PathBuf::from("/var/safekit"), PathBuf::from)
 }
 
-/// Sends one request to the local agent.
+/// Sends one request to the local agent (with `safekit -H`, to the node being addressed).
 ///
 /// # Errors
 /// A one-line reason: agent not running, permission denied, timeout.
@@ -153,6 +173,17 @@ pub fn request(request: &AdminRequest) -> Result<AdminResponse, String> {
         .enable_all()
         .build()
         .map_err(|error| format!("cannot start the async runtime: {error}"))?;
+    // `safekit -H`: the request goes to the node `cli::remote` is working on.
+    if let Some(remote) = crate::remote_admin::current_target() {
+        return runtime
+            .block_on(crate::remote_admin::send(
+                &remote.target,
+                &remote.secret,
+                request,
+                REQUEST_TIMEOUT,
+            ))
+            .map_err(|error| error.to_string());
+    }
     let path = admin_socket_path(&safevar());
     runtime
         .block_on(admin_socket::request::<AdminRequest, AdminResponse>(
@@ -221,6 +252,16 @@ pub fn run(command: AgentCommand) -> ExitCode {
             }
             Err(error) => fail(error),
         },
+        AgentCommand::Boot(command) => super::boot::run(command),
+        AgentCommand::Shutdown => super::boot::shutdown(),
+        AgentCommand::Set(args) => super::resource::set(args),
+        AgentCommand::Get(args) => super::resource::get(args),
+        AgentCommand::Stopstart(arg) => control(Verb::StopStart, arg),
+        AgentCommand::Level(args) => super::level::run(&args),
+        AgentCommand::Confcheck(args) => super::apply::confcheck(&args),
+        AgentCommand::Cluster(ClusterCommand::Config { file }) => {
+            super::apply::cluster_config(file.as_deref())
+        }
     }
 }
 
@@ -228,9 +269,14 @@ pub fn run(command: AgentCommand) -> ExitCode {
 pub fn render_states(states: &[ModuleStatus], verbose: bool) -> String {
     let mut out = String::new();
     for status in states {
+        let readiness = match status.readiness.as_str() {
+            "NotReady" => "Not ready",
+            other => other,
+        };
+        let state = format!("{} ({readiness})", status.state);
         out.push_str(&format!(
-            "{:<20} {:<7} ({})  node {}\n",
-            status.module, status.state, status.readiness, status.node
+            "{:<20} {state:<20} node {}\n",
+            status.module, status.node
         ));
         if verbose {
             for (key, value) in &status.details {

@@ -41,7 +41,10 @@ pub async fn handle(
                     continue;
                 }
                 let mut status = handle.status.borrow().clone();
-                if !verbose {
+                if verbose {
+                    let (_, boot) = registry.boot.decide(&handle.name);
+                    status.details.push(("usersetting.boot".into(), boot));
+                } else {
                     status.details.clear();
                 }
                 states.push(status);
@@ -111,6 +114,80 @@ pub async fn handle(
                 message: String::new(),
             }
         }
+        AdminRequest::Boot { module, on } => {
+            let Some(handle) = registry.modules.get(&module) else {
+                return unknown(registry, &module);
+            };
+            let (_, boot) = registry.boot.decide(&module);
+            let user = caller_name(
+                &peer,
+                &Caller::Local {
+                    uid: peer.uid,
+                    name: String::new(),
+                },
+            );
+            handle.modlog.log(
+                modlog::Level::User,
+                format!(
+                    "Boot set {} by {user}: {boot}",
+                    if on { "on" } else { "off" }
+                ),
+            );
+            handle.modlog.flush().await;
+            AdminResponse::Ok { message: boot }
+        }
+        AdminRequest::SetResource {
+            module,
+            resource,
+            up,
+            identity,
+        } => {
+            let Some(handle) = registry.modules.get(&module) else {
+                return unknown(registry, &module);
+            };
+            let (reply, answer) = oneshot::channel();
+            let event = RunnerEvent::SetResource {
+                resource,
+                up,
+                identity,
+                reply,
+            };
+            if handle.events.send(event).is_err() {
+                return refused(format!("module {module}: its runner has stopped"));
+            }
+            answer
+                .await
+                .unwrap_or_else(|_| refused(format!("module {module}: no answer from its runner")))
+        }
+        AdminRequest::GetResource { module, resource } => {
+            let Some(handle) = registry.modules.get(&module) else {
+                return unknown(registry, &module);
+            };
+            let (reply, answer) = oneshot::channel();
+            if handle
+                .events
+                .send(RunnerEvent::GetResource { resource, reply })
+                .is_err()
+            {
+                return refused(format!("module {module}: its runner has stopped"));
+            }
+            answer
+                .await
+                .unwrap_or_else(|_| refused(format!("module {module}: no answer from its runner")))
+        }
+        AdminRequest::Level => AdminResponse::Ok {
+            message: crate::cli::level::build_facts()
+                .iter()
+                .map(|(key, value)| format!("{key}: {value}"))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        },
+        AdminRequest::ApplyConfig { module, caller } => {
+            apply_config(registry, caller_name(&peer, &caller), &module).await
+        }
+        AdminRequest::ApplyClusterConfig { caller } => {
+            apply_cluster_config(registry, caller_name(&peer, &caller)).await
+        }
     }
 }
 
@@ -148,4 +225,175 @@ fn caller_name(peer: &PeerCredentials, claimed: &Caller) -> String {
         Caller::Agent { identity } => format!("{identity} ({user})"),
         Caller::Local { .. } | Caller::Remote { .. } => user,
     }
+}
+
+/// `safekit config -m M`: rebuilds the module's setup from its files and
+/// hands it to its runner, which applies it only while the module is STOP.
+async fn apply_config(registry: &Registry, caller: String, module: &str) -> AdminResponse {
+    let Some(handle) = registry.modules.get(module) else {
+        return match registry.rejected.get(module) {
+            Some(_) => refused(format!(
+                "module {module} was not started by the agent (invalid configuration at start): restart the agent (safekitd) to load it"
+            )),
+            None => unknown(registry, module),
+        };
+    };
+    let Some(context) = &registry.reload else {
+        return refused("this agent cannot reload configurations".into());
+    };
+    let cluster = match context.cluster.lock() {
+        Ok(guard) => guard.clone(),
+        Err(poisoned) => poisoned.into_inner().clone(),
+    };
+    match super::load::reload_module(
+        &context.paths,
+        module,
+        &cluster,
+        &context.node,
+        &context.peer,
+    ) {
+        Ok(setup) => reload_runner(handle, context, setup, caller).await,
+        Err(errors) => refused(format!(
+            "{} error(s), nothing applied: {}",
+            errors.len(),
+            errors.join("; ")
+        )),
+    }
+}
+
+/// `safekit cluster config`: reloads the installed cluster.xml for every
+/// module; refused while a module runs, and nothing is applied unless every
+/// module's configuration is valid with it.
+async fn apply_cluster_config(registry: &Registry, caller: String) -> AdminResponse {
+    let Some(context) = &registry.reload else {
+        return refused("this agent cannot reload configurations".into());
+    };
+    let running: Vec<String> = registry
+        .modules
+        .values()
+        .filter_map(|handle| {
+            let status = handle.status.borrow();
+            (status.state != "STOP" || status.readiness == "Transient")
+                .then(|| format!("{} ({})", handle.name, status.state))
+        })
+        .collect();
+    if !running.is_empty() {
+        return refused(format!(
+            "modules still running: {}; stop them first (safekit stop -m M), then run safekit cluster config again",
+            running.join(", ")
+        ));
+    }
+    let cluster = match super::load::load_cluster(&context.paths) {
+        Ok(cluster) => cluster,
+        Err(error) => return refused(error.to_string().replace('\n', "; ")),
+    };
+    match super::load::peer_of(&cluster, &context.node) {
+        Ok(peer) if peer == context.peer => {}
+        Ok(peer) => {
+            return refused(format!(
+                "the peer of {} would change from {} to {peer}: restart the agent (safekitd) to apply it",
+                context.node, context.peer
+            ));
+        }
+        Err(error) => return refused(error.to_string()),
+    }
+    let mut setups = Vec::new();
+    let mut errors = Vec::new();
+    for name in registry.modules.keys() {
+        match super::load::reload_module(
+            &context.paths,
+            name,
+            &cluster,
+            &context.node,
+            &context.peer,
+        ) {
+            Ok(setup) => setups.push(setup),
+            Err(problems) => errors.push(format!("module {name}: {}", problems.join("; "))),
+        }
+    }
+    if !errors.is_empty() {
+        return refused(format!(
+            "with this cluster.xml, nothing applied: {}",
+            errors.join("; ")
+        ));
+    }
+    let mut results = Vec::new();
+    let mut failed = false;
+    for setup in setups {
+        let name = setup.name.clone();
+        let Some(handle) = registry.modules.get(&name) else {
+            continue;
+        };
+        match reload_runner(handle, context, setup, caller.clone()).await {
+            AdminResponse::Ok { .. } => results.push(format!("{name}: applied")),
+            AdminResponse::Refused { reason } => {
+                failed = true;
+                results.push(format!("{name}: not applied: {reason}"));
+            }
+            other => {
+                failed = true;
+                results.push(format!("{name}: unexpected answer {other:?}"));
+            }
+        }
+    }
+    match context.cluster.lock() {
+        Ok(mut guard) => *guard = cluster,
+        Err(poisoned) => *poisoned.into_inner() = cluster,
+    }
+    let message = if results.is_empty() {
+        "cluster configuration reloaded (no module)".to_string()
+    } else {
+        format!("cluster configuration reloaded: {}", results.join("; "))
+    };
+    if failed {
+        refused(message)
+    } else {
+        AdminResponse::Ok { message }
+    }
+}
+
+/// Sends `setup` (with a fresh data path and script environment) to the module's runner.
+async fn reload_runner(
+    handle: &super::runner::ModuleHandle,
+    context: &super::load::ReloadContext,
+    setup: super::load::ModuleSetup,
+    caller: String,
+) -> AdminResponse {
+    let module = setup.name.clone();
+    if setup.config.service.rfs.is_some() && !cfg!(feature = "linux-datapath") {
+        return refused(
+            "<rfs> needs the data path: this agent was built without the `linux-datapath` feature"
+                .into(),
+        );
+    }
+    let script_env = super::load::script_env(&context.paths, &setup);
+    let (datapath_tx, mut datapath_rx) = tokio::sync::mpsc::unbounded_channel();
+    let forward = handle.events.clone();
+    tokio::spawn(async move {
+        while let Some(report) = datapath_rx.recv().await {
+            if forward.send(RunnerEvent::DataPath(report)).is_err() {
+                return;
+            }
+        }
+    });
+    let datapath = super::data_path(
+        &setup,
+        &context.secret,
+        &context.paths.module_var(&module),
+        datapath_tx,
+    );
+    let (reply, answer) = oneshot::channel();
+    let event = RunnerEvent::Reload {
+        setup: Box::new(setup),
+        script_env,
+        datapath,
+        caller,
+        reply,
+    };
+    if handle.events.send(event).is_err() {
+        return refused(format!("module {module}: its runner has stopped"));
+    }
+    answer
+        .await
+        .unwrap_or_else(|_| refused(format!("module {module}: no answer from its runner")))
 }

@@ -451,6 +451,138 @@ fn lan_endpoints(
     })
 }
 
+/// What the agent keeps to rebuild a stopped module's setup when an operator
+/// applies a changed configuration (`safekit config -m M`, `safekit cluster config`).
+pub struct ReloadContext {
+    /// `SAFE` and `SAFEVAR`.
+    pub paths: NodePaths,
+    /// This node.
+    pub node: String,
+    /// Its peer.
+    pub peer: String,
+    /// The cluster secret (for a rebuilt data path).
+    pub secret: std::sync::Arc<[u8]>,
+    /// The cluster.xml in force.
+    pub cluster: std::sync::Mutex<ClusterConfig>,
+}
+
+impl std::fmt::Debug for ReloadContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The secret is never printed.
+        f.debug_struct("ReloadContext")
+            .field("paths", &self.paths)
+            .field("node", &self.node)
+            .field("peer", &self.peer)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reads and validates one module again, as [`load_modules`] did at start
+/// (same id rule: `conf/id`, else its position among the module folders).
+///
+/// # Errors
+/// Every problem, one per entry.
+pub fn reload_module(
+    paths: &NodePaths,
+    name: &str,
+    cluster: &ClusterConfig,
+    node: &str,
+    peer: &str,
+) -> Result<ModuleSetup, Vec<String>> {
+    let position = module_position(paths, name).map_err(|error| vec![error])?;
+    load_module(
+        &paths.modules().join(name),
+        name,
+        position,
+        cluster,
+        node,
+        peer,
+    )
+}
+
+/// The module's position among the module folders (what its id is without `conf/id`).
+fn module_position(paths: &NodePaths, name: &str) -> Result<usize, String> {
+    let mut names: Vec<String> = std::fs::read_dir(paths.modules())
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter(|entry| entry.path().join("conf").join("userconfig.xml").is_file())
+                .filter_map(|entry| entry.file_name().to_str().map(str::to_string))
+                .filter(|name| !name.starts_with('.'))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+        .iter()
+        .position(|candidate| candidate == name)
+        .ok_or_else(|| {
+            format!(
+                "{}: no conf/userconfig.xml",
+                paths.modules().join(name).display()
+            )
+        })
+}
+
+/// The id the agent gives module `name` (`conf/id`, else its position).
+///
+/// # Errors
+/// The module has no configuration, or its `conf/id` is invalid.
+pub fn module_id_of(paths: &NodePaths, name: &str) -> Result<ModuleId, String> {
+    let position = module_position(paths, name)?;
+    module_id(&paths.modules().join(name), position)
+}
+
+/// The environment of a module's scripts (SafeKit's variables and the `<user><var>` entries).
+pub fn script_env(paths: &NodePaths, setup: &ModuleSetup) -> crate::scripts::ScriptEnv {
+    crate::scripts::ScriptEnv {
+        safe: paths.safe.clone(),
+        safebin: paths.safe.join("private").join("bin"),
+        safevar: paths.var.clone(),
+        module: setup.name.clone(),
+        userbin: setup.dir.join("bin"),
+        userconf: setup.dir.join("conf"),
+        uservar: paths.module_var(&setup.name),
+        user_vars: setup
+            .config
+            .service
+            .user
+            .iter()
+            .flat_map(|user| user.var.iter())
+            .map(|var| (var.name.clone(), var.value.clone()))
+            .collect(),
+    }
+}
+
+/// Why a new setup cannot replace a module's running one without restarting
+/// the agent: what the heartbeat threads (bound at start) depend on changed.
+pub fn needs_agent_restart(old: &ModuleSetup, new: &ModuleSetup) -> Option<String> {
+    if old.id != new.id {
+        return Some(format!(
+            "the module id changed ({} -> {}), which moves its ports",
+            old.id.get(),
+            new.id.get()
+        ));
+    }
+    if old.lans != new.lans {
+        return Some("the heartbeat LANs or their addresses changed".into());
+    }
+    if old.params.pulse != new.params.pulse {
+        return Some(format!(
+            "the heartbeat pulse changed ({} ms -> {} ms)",
+            old.params.pulse.as_millis(),
+            new.params.pulse.as_millis()
+        ));
+    }
+    if old.params.peer != new.params.peer {
+        return Some(format!(
+            "the peer changed ({} -> {})",
+            old.params.peer, new.params.peer
+        ));
+    }
+    None
+}
+
 /// The time after which a script that has not returned is killed, by hook.
 #[derive(Debug, Clone, Copy)]
 pub struct ScriptTimeouts {

@@ -30,13 +30,19 @@
 //!    every error and not started.
 //! 4. Per module: read its persisted state (`SAFEVAR/modules/<AM>/state`),
 //!    open its logs, bind its heartbeat sockets, start its threads and runner.
-//!    A module always starts in STOP: the operator (or boot, later) starts it.
-//! 5. Serve the admin socket (`SAFEVAR/run/admin.sock`, root only).
+//!    A module always starts in STOP.
+//! 5. Modules whose boot is on (`safekit boot on`, `<service boot="on">`)
+//!    are then started with `start` by the caller `boot`, the others stay
+//!    STOP: one rule for a machine boot and a restart after a crash alike
+//!    ([`boot`], [`crate::cli::boot`]).
+//! 6. Serve the admin socket (`SAFEVAR/run/admin.sock`, root only).
 //!
 //! SIGTERM or SIGINT end the agent without stopping the applications (like a
-//! kill of SafeKit's agent processes); `safekit stop` stops a module cleanly.
+//! kill of SafeKit's agent processes); `safekit stop` stops a module cleanly,
+//! and `safekit shutdown` every module (the systemd unit's `ExecStop`).
 
 pub mod admin;
+pub mod boot;
 pub mod heartbeat;
 pub mod load;
 pub mod runner;
@@ -54,7 +60,6 @@ use tracing::Instrument;
 use crate::admin_socket::AdminListener;
 use crate::datapath::NoDataPath;
 use crate::modlog::{self, ModLog};
-use crate::scripts::ScriptEnv;
 use load::NodePaths;
 use runner::{ModuleHandle, Registry, Runner, RunnerEvent, RunnerParts};
 
@@ -115,6 +120,8 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
         let registry = start(&options).await?;
         let listener = AdminListener::bind(load::admin_socket_path(&options.var), None).await?;
         let registry = Arc::new(registry);
+        // Modules whose boot is on are started now (see `boot`); the others stay STOP.
+        boot::start_modules(&registry);
         crate::health_http::start_for_node(
             &options.safe,
             &options.var,
@@ -154,6 +161,7 @@ async fn start(options: &DaemonOptions) -> Result<Registry, DaemonError> {
     let (modules, rejected) = load::load_modules(&paths, &cluster, &options.node, &peer);
     let mut registry = Registry {
         node: options.node.clone(),
+        boot: boot::BootSettings::new(paths.var.clone()),
         ..Registry::default()
     };
     for module in &rejected {
@@ -270,23 +278,7 @@ async fn start(options: &DaemonOptions) -> Result<Registry, DaemonError> {
             Arc::clone(&heartbeat_status),
         )
         .map_err(DaemonError::Thread)?;
-        let script_env = ScriptEnv {
-            safe: paths.safe.clone(),
-            safebin: paths.safe.join("private").join("bin"),
-            safevar: paths.var.clone(),
-            module: setup.name.clone(),
-            userbin: setup.dir.join("bin"),
-            userconf: setup.dir.join("conf"),
-            uservar: module_var.clone(),
-            user_vars: setup
-                .config
-                .service
-                .user
-                .iter()
-                .flat_map(|user| user.var.iter())
-                .map(|var| (var.name.clone(), var.value.clone()))
-                .collect(),
-        };
+        let script_env = load::script_env(&paths, &setup);
         let (status_tx, status_rx) = watch::channel(ModuleStatus {
             module: setup.name.clone(),
             node: options.node.clone(),
@@ -295,6 +287,11 @@ async fn start(options: &DaemonOptions) -> Result<Registry, DaemonError> {
             details: Vec::new(),
         });
         let name = setup.name.clone();
+        registry.boot.add(
+            &name,
+            setup.config.service.boot,
+            setup.config.service.boot_delay,
+        );
         let datapath = data_path(&setup, &secret, &module_var, datapath_tx);
         let runner = Runner::new(
             setup,
@@ -322,6 +319,13 @@ async fn start(options: &DaemonOptions) -> Result<Registry, DaemonError> {
         );
     }
     registry.modules = handles;
+    registry.reload = Some(Arc::new(load::ReloadContext {
+        paths,
+        node: options.node.clone(),
+        peer,
+        secret,
+        cluster: Mutex::new(cluster),
+    }));
     Ok(registry)
 }
 

@@ -50,7 +50,7 @@ use super::heartbeat::SharedStatus;
 use super::load::ModuleSetup;
 use crate::datapath::{DataPath, DataPathEvent};
 use crate::modlog::{self, ModLog};
-use crate::scripts::{self, AppLog, ScriptCall, ScriptEnv};
+use crate::scripts::{self, AppLog, ScriptCall, ScriptEnv, ScriptQueue};
 use crate::vip::Netlink;
 
 /// Everything a module's runner reacts to, besides its own ticks.
@@ -78,6 +78,46 @@ pub enum RunnerEvent {
     DataPath(DataPathEvent),
     /// A checker's probe saw something ([`crate::checkers`]).
     Checker(crate::checkers::Observation),
+    /// `safekit set -r RESOURCE -v up|down [-i identity]` (a custom checker's program reports).
+    SetResource {
+        /// The resource (`custom.<ident>`).
+        resource: String,
+        /// Up or down.
+        up: bool,
+        /// Who set it (`-i`).
+        identity: Option<String>,
+        /// Where to answer.
+        reply: oneshot::Sender<AdminResponse>,
+    },
+    /// `safekit get -r RESOURCE`: its value (`up`, `down`, `init`).
+    GetResource {
+        /// The resource.
+        resource: String,
+        /// Where to answer.
+        reply: oneshot::Sender<AdminResponse>,
+    },
+    /// `safekit config -m M` or `safekit cluster config`: replace the
+    /// module's setup (validated by the sender); refused unless STOP.
+    Reload {
+        /// The new setup.
+        setup: Box<ModuleSetup>,
+        /// The scripts' environment for it.
+        script_env: ScriptEnv,
+        /// A data path for it (nothing mounted or bound yet).
+        datapath: Box<dyn DataPath>,
+        /// Who asked.
+        caller: String,
+        /// Where to answer.
+        reply: oneshot::Sender<AdminResponse>,
+    },
+}
+
+/// A `second` command waiting for a fresh heartbeat of the peer.
+#[derive(Debug)]
+struct DeferredSecond {
+    caller: String,
+    reply: oneshot::Sender<AdminResponse>,
+    until: tokio::time::Instant,
 }
 
 /// One configured virtual IP.
@@ -88,6 +128,38 @@ struct VipSpec {
     arpreroute: bool,
     arpinterval: Duration,
     arpelapse: Duration,
+}
+
+/// The virtual IPs of a configuration.
+fn vip_specs(config: &safekit_core::config::UserConfig) -> Vec<VipSpec> {
+    config
+        .service
+        .vip
+        .iter()
+        .flat_map(|vip| vip.interface_list.iter())
+        .flat_map(|interface| {
+            interface
+                .real_interface
+                .iter()
+                .flat_map(|real| real.virtual_addr.iter())
+                .filter_map(move |virtual_addr| {
+                    let text = virtual_addr.addr.trim_start_matches('[').trim_end_matches(']');
+                    match text.parse::<IpAddr>() {
+                        Ok(addr) => Some(VipSpec {
+                            addr,
+                            ifname: interface.name.clone(),
+                            arpreroute: interface.arpreroute,
+                            arpinterval: interface.arpinterval,
+                            arpelapse: interface.arpelapse,
+                        }),
+                        Err(_) => {
+                            tracing::error!(addr = %virtual_addr.addr, "virtual IP is not an IP address (host names are not resolved yet); ignored");
+                            None
+                        }
+                    }
+                })
+        })
+        .collect()
 }
 
 /// The runner of one module.
@@ -114,6 +186,16 @@ pub struct Runner {
     checker_problems: Vec<String>,
     /// A `stopstart` rule fired: start again (as this caller) once stopped.
     start_after_stop: Option<String>,
+    /// Runs the scripts one after the other ([`ScriptQueue`]).
+    script_queue: ScriptQueue,
+    /// The stop under way is a `forcestop`: stop hooks get `force` at once.
+    forced_stop: bool,
+    /// Bumped when the checkers are replaced (configuration applied): older probes end.
+    checker_generation: Arc<std::sync::atomic::AtomicU64>,
+    /// A `second` waiting for the peer's next heartbeat ([`Runner::second_needs_fresh_peer_state`]).
+    deferred_second: Option<DeferredSecond>,
+    /// The programs of the custom checkers ([`crate::checkers::custom`]).
+    custom_programs: crate::checkers::custom::CustomPrograms,
 }
 
 /// What [`Runner::new`] needs besides the module's setup.
@@ -147,41 +229,14 @@ impl Runner {
             checker_specs.clone(),
             setup.config.service.maxloop,
             setup.config.service.loop_interval,
-        );
+        )
+        .with_rules(crate::checkers::failover_rules(&setup.config));
         let user = setup.config.service.user.clone();
         let applog = AppLog {
             path: parts.script_env.uservar.join("userlog.ulog"),
             max_bytes: u64::from(user.as_ref().map_or(2048, |user| user.userlogsize)) * 1024,
         };
-        let vips = setup
-            .config
-            .service
-            .vip
-            .iter()
-            .flat_map(|vip| vip.interface_list.iter())
-            .flat_map(|interface| {
-                interface
-                    .real_interface
-                    .iter()
-                    .flat_map(|real| real.virtual_addr.iter())
-                    .filter_map(move |virtual_addr| {
-                        let text = virtual_addr.addr.trim_start_matches('[').trim_end_matches(']');
-                        match text.parse::<IpAddr>() {
-                            Ok(addr) => Some(VipSpec {
-                                addr,
-                                ifname: interface.name.clone(),
-                                arpreroute: interface.arpreroute,
-                                arpinterval: interface.arpinterval,
-                                arpelapse: interface.arpelapse,
-                            }),
-                            Err(_) => {
-                                tracing::error!(addr = %virtual_addr.addr, "virtual IP is not an IP address (host names are not resolved yet); ignored");
-                                None
-                            }
-                        }
-                    })
-            })
-            .collect();
+        let vips = vip_specs(&setup.config);
         Runner {
             scripts_enabled: user.is_some(),
             setup,
@@ -203,6 +258,11 @@ impl Runner {
             checker_specs,
             checker_problems,
             start_after_stop: None,
+            script_queue: ScriptQueue::spawn(),
+            forced_stop: false,
+            checker_generation: Arc::default(),
+            deferred_second: None,
+            custom_programs: crate::checkers::custom::CustomPrograms::default(),
         }
     }
 
@@ -231,12 +291,7 @@ impl Runner {
             tracing::warn!(%problem, "checker");
             self.modlog.log(modlog::Level::Event, problem);
         }
-        let checker_events = self.events.clone();
-        crate::checkers::spawn(&self.checker_specs, move |observation| {
-            checker_events
-                .send(RunnerEvent::Checker(observation))
-                .is_ok()
-        });
+        self.spawn_checkers();
         self.modlog.log(
             modlog::Level::Event,
             format!(
@@ -256,6 +311,11 @@ impl Runner {
                 .machine
                 .next_deadline()
                 .map(|at| tokio::time::Instant::from_std(self.origin + at));
+            let deadline = match (&self.deferred_second, deadline) {
+                (Some(deferred), Some(at)) => Some(at.min(deferred.until)),
+                (Some(deferred), None) => Some(deferred.until),
+                (None, deadline) => deadline,
+            };
             let event = tokio::select! {
                 received = events.recv() => match received {
                     Some(event) => Some(event),
@@ -268,6 +328,18 @@ impl Runner {
                     self.refresh_witness().await;
                     let actions = self.machine.handle(self.now(), Event::Tick);
                     self.execute(actions, None).await;
+                }
+                Some(RunnerEvent::Control {
+                    verb: Verb::Second,
+                    caller,
+                    reply,
+                }) if self.deferred_second.is_none() && self.second_needs_fresh_peer_state() => {
+                    let wait = self.setup.params.pulse * 2 + Duration::from_millis(100);
+                    self.deferred_second = Some(DeferredSecond {
+                        caller,
+                        reply,
+                        until: tokio::time::Instant::now() + wait,
+                    });
                 }
                 Some(RunnerEvent::Control {
                     verb,
@@ -320,8 +392,38 @@ impl Runner {
                     self.execute(actions, None).await;
                 }
                 Some(RunnerEvent::Checker(observation)) => self.on_checker(observation).await,
+                Some(RunnerEvent::SetResource {
+                    resource,
+                    up,
+                    identity,
+                    reply,
+                }) => {
+                    let response = self.set_resource(&resource, up, identity.as_deref()).await;
+                    let _ = reply.send(response);
+                }
+                Some(RunnerEvent::Reload {
+                    setup,
+                    script_env,
+                    datapath,
+                    caller,
+                    reply,
+                }) => {
+                    let response = self.reload(*setup, script_env, datapath, &caller).await;
+                    let _ = reply.send(response);
+                }
+                Some(RunnerEvent::GetResource { resource, reply }) => {
+                    let response = match self.checkers.get(&resource) {
+                        Ok(value) => AdminResponse::Ok {
+                            message: value.to_string(),
+                        },
+                        Err(reason) => AdminResponse::Refused { reason },
+                    };
+                    let _ = reply.send(response);
+                }
             }
             self.start_if_stopstart().await;
+            self.resolve_deferred_second().await;
+            self.sync_custom_programs();
             self.datapath
                 .set_peer_in_sync(self.machine.state() == State::Prim);
             self.publish();
@@ -338,11 +440,10 @@ impl Runner {
             Verb::Prim => Command::Prim,
             Verb::PrimForce => Command::PrimForce,
             Verb::Second => Command::Second,
-            Verb::StopStart => {
-                return AdminResponse::Refused {
-                    reason: "stopstart is not supported yet: run stop, then start".into(),
-                };
-            }
+            // A stopped module is simply started; a running one is stopped and
+            // started again by `start_if_stopstart` once stopped.
+            Verb::StopStart if self.machine.state() == State::Stop => Command::Start,
+            Verb::StopStart => Command::Stop,
         };
         self.modlog.log(
             modlog::Level::Info,
@@ -351,6 +452,17 @@ impl Runner {
         // An operator command: the maxloop count starts again, a pending stopstart is dropped.
         self.checkers.reset_loop();
         self.start_after_stop = None;
+        match command {
+            Command::ForceStop => self.forced_stop = true,
+            Command::Stop => {}
+            _ => self.forced_stop = false,
+        }
+        if let Err(reason) = self.prestart(command).await {
+            return AdminResponse::Refused { reason };
+        }
+        if verb == Verb::StopStart && command == Command::Stop {
+            self.start_after_stop = Some(caller.to_string());
+        }
         let actions = self.machine.handle(
             self.now(),
             Event::Command {
@@ -361,7 +473,24 @@ impl Runner {
         let mut refusal = None;
         self.execute(actions, Some(&mut refusal)).await;
         match refusal {
-            Some(reason) => AdminResponse::Refused { reason },
+            Some(reason) => {
+                if verb == Verb::StopStart {
+                    self.start_after_stop = None;
+                }
+                AdminResponse::Refused { reason }
+            }
+            None if verb == Verb::StopStart && command == Command::Stop => AdminResponse::Ok {
+                message: format!(
+                    "stopstart {}: stopping (now {}); the module starts again once stopped{}",
+                    self.setup.name,
+                    self.machine.state(),
+                    if self.machine.state() == State::Prim {
+                        " and the peer has taken over"
+                    } else {
+                        ""
+                    }
+                ),
+            },
             None => AdminResponse::Ok {
                 message: format!(
                     "{} {}: done, now {}",
@@ -373,8 +502,186 @@ impl Runner {
         }
     }
 
+    /// Replaces the module's setup with `setup` (`safekit config`, `safekit
+    /// cluster config`): only while STOP, with the `config` hook before and
+    /// `postconfig` after; `start` then uses it.
+    async fn reload(
+        &mut self,
+        setup: ModuleSetup,
+        script_env: ScriptEnv,
+        datapath: Box<dyn DataPath>,
+        caller: &str,
+    ) -> AdminResponse {
+        let name = self.setup.name.clone();
+        let state = self.machine.state();
+        if state != State::Stop || self.machine.is_transient() {
+            return AdminResponse::Refused {
+                reason: format!(
+                    "module {name} is {state}{}: stop it first (safekit stop -m {name}), apply, then start it again; nothing changed",
+                    if self.machine.is_transient() {
+                        " (Transient)"
+                    } else {
+                        ""
+                    }
+                ),
+            };
+        }
+        if let Some(why) = super::load::needs_agent_restart(&self.setup, &setup) {
+            return AdminResponse::Refused {
+                reason: format!(
+                    "{why}: restart the agent (safekitd) to apply this configuration; nothing changed"
+                ),
+            };
+        }
+        let hook = |name: &'static str| scripts::Hook {
+            name,
+            current_state: "STOP",
+            next_state: "STOP",
+            action: "config",
+            stop: false,
+        };
+        let scripts_enabled = setup.config.service.user.is_some();
+        let previous_env = std::mem::replace(&mut self.script_env, script_env);
+        let previous_enabled = std::mem::replace(&mut self.scripts_enabled, scripts_enabled);
+        let (done, outcome) = oneshot::channel();
+        self.queue_hook(hook("config"), Some(done));
+        if outcome.await == Ok(false) {
+            self.script_env = previous_env;
+            self.scripts_enabled = previous_enabled;
+            return AdminResponse::Refused {
+                reason: "the config hook failed (see the module log and the application log); nothing changed".into(),
+            };
+        }
+        let (checker_specs, checker_problems) = crate::checkers::specs(&setup.config);
+        self.checkers = crate::checkers::CheckerSet::new(
+            checker_specs.clone(),
+            setup.config.service.maxloop,
+            setup.config.service.loop_interval,
+        )
+        .with_rules(crate::checkers::failover_rules(&setup.config));
+        self.checker_specs = checker_specs;
+        for problem in checker_problems {
+            self.modlog.log(modlog::Level::Event, problem);
+        }
+        self.applog.max_bytes = u64::from(
+            setup
+                .config
+                .service
+                .user
+                .as_ref()
+                .map_or(2048, |user| user.userlogsize),
+        ) * 1024;
+        self.vips = vip_specs(&setup.config);
+        self.machine = Machine::new(
+            setup.params.clone(),
+            self.machine.persistent().clone(),
+            self.now(),
+            rand::random::<u64>(),
+        );
+        self.datapath = datapath;
+        self.setup = setup;
+        self.start_after_stop = None;
+        self.spawn_checkers();
+        for warning in &self.setup.warnings {
+            self.modlog.log(
+                modlog::Level::Info,
+                format!("Configuration warning: {warning}"),
+            );
+        }
+        self.modlog.log(
+            modlog::Level::User,
+            format!("Configuration applied by {caller}"),
+        );
+        let (done, outcome) = oneshot::channel();
+        self.queue_hook(hook("postconfig"), Some(done));
+        let postconfig = if outcome.await == Ok(false) {
+            " (the postconfig hook failed: see the module log)"
+        } else {
+            ""
+        };
+        AdminResponse::Ok {
+            message: format!(
+                "configuration of {name} applied{postconfig}; it is used at the next start"
+            ),
+        }
+    }
+
+    /// `second` on a stopped node whose peer was last heard not running the
+    /// application: the peer may have just turned ALONE, which its next
+    /// heartbeat says. The command then waits (at most two pulses) instead of
+    /// being refused on a stale view.
+    fn second_needs_fresh_peer_state(&self) -> bool {
+        use safekit_protocol::heartbeat::ModuleState;
+        matches!(self.machine.state(), State::Stop | State::Wait(_))
+            && self
+                .machine
+                .peer_state()
+                .is_some_and(|peer| !matches!(peer, ModuleState::Alone | ModuleState::Prim))
+    }
+
+    /// Runs a deferred `second` once the peer runs the application, or when its wait is over.
+    async fn resolve_deferred_second(&mut self) {
+        let ready = self.deferred_second.as_ref().is_some_and(|deferred| {
+            !self.second_needs_fresh_peer_state() || tokio::time::Instant::now() >= deferred.until
+        });
+        if !ready {
+            return;
+        }
+        let Some(deferred) = self.deferred_second.take() else {
+            return;
+        };
+        let response = self.control(Verb::Second, &deferred.caller).await;
+        let _ = deferred.reply.send(response);
+    }
+
+    /// Runs the `prestart` hook (when present) before a start verb on a
+    /// stopped module, before any resource is set up; a failed `prestart`
+    /// refuses the start.
+    async fn prestart(&mut self, command: Command) -> Result<(), String> {
+        let starts = matches!(
+            command,
+            Command::Start | Command::Prim | Command::PrimForce | Command::Second
+        );
+        if !starts
+            || self.machine.state() != State::Stop
+            || self.machine.is_transient()
+            || !self.scripts_enabled
+        {
+            return Ok(());
+        }
+        let (done, outcome) = oneshot::channel();
+        let hook = scripts::Hook {
+            name: "prestart",
+            current_state: "STOP",
+            next_state: "WAIT",
+            action: "start",
+            stop: false,
+        };
+        self.queue_hook(hook, Some(done));
+        match outcome.await {
+            Ok(true) | Err(_) => Ok(()),
+            Ok(false) => Err(
+                "prestart failed (see the module log and the application log): module not started"
+                    .into(),
+            ),
+        }
+    }
+
     async fn execute(&mut self, actions: Vec<Action>, mut refusal: Option<&mut Option<String>>) {
+        // The hooks of this batch's state changes run before its start_prim
+        // (start_both before start_prim) and after the scripts queued earlier
+        // (stop_both after stop_prim).
+        let mut hooks = self.hooks_of(&actions);
+        let change = actions.iter().rev().find_map(|action| match action {
+            Action::StateChanged { from, to, .. } => Some((*from, *to)),
+            _ => None,
+        });
         for action in actions {
+            if matches!(action, Action::RunScript(_) | Action::StateChanged { .. }) {
+                for hook in hooks.drain(..) {
+                    self.queue_hook(hook, None);
+                }
+            }
             match action {
                 Action::PersistState(persistent) => {
                     let path = self.state_path.clone();
@@ -398,7 +705,7 @@ impl Runner {
                         std::process::exit(1);
                     }
                 }
-                Action::RunScript(script) => self.spawn_script(script),
+                Action::RunScript(script) => self.spawn_script(script, change),
                 Action::TakeVip => self.take_vip().await,
                 Action::ReleaseVip => self.release_vip().await,
                 Action::SetReplicationRole(role) => {
@@ -501,12 +808,65 @@ impl Runner {
     /// A checker's observation: a verdict change goes to the machine, a fired rule runs its command.
     async fn on_checker(&mut self, observation: crate::checkers::Observation) {
         let now = self.now();
+        let waited = self.machine.waiting_for().contains(&observation.resource);
         let outcome = self.checkers.observe(
             now,
             observation,
             self.machine.state(),
             self.machine.is_transient(),
+            waited,
         );
+        self.on_checker_outcome(outcome).await;
+    }
+
+    /// `safekit set`: a custom checker's value, handled as its observation.
+    async fn set_resource(
+        &mut self,
+        resource: &str,
+        up: bool,
+        identity: Option<&str>,
+    ) -> AdminResponse {
+        let waited = self.machine.waiting_for().contains(resource);
+        let outcome = self.checkers.set(
+            self.now(),
+            resource,
+            up,
+            identity,
+            self.machine.state(),
+            self.machine.is_transient(),
+            waited,
+        );
+        match outcome {
+            Ok(outcome) => {
+                self.on_checker_outcome(outcome).await;
+                AdminResponse::Ok {
+                    message: String::new(),
+                }
+            }
+            Err(reason) => AdminResponse::Refused { reason },
+        }
+    }
+
+    /// Starts and stops the custom checkers' programs for the current state.
+    fn sync_custom_programs(&mut self) {
+        let context = crate::checkers::custom::ProgramContext {
+            env: self.script_env.clone(),
+            applog: self.applog.clone(),
+            modlog: self.modlog.clone(),
+        };
+        self.custom_programs.sync(
+            &self.checker_specs,
+            &context,
+            self.machine.state(),
+            self.machine.waiting_for(),
+        );
+        self.checkers
+            .forget_inactive(self.machine.state(), self.machine.waiting_for());
+    }
+
+    /// A verdict change goes to the machine; a fired rule runs its command (or its wait).
+    async fn on_checker_outcome(&mut self, outcome: crate::checkers::Outcome) {
+        let now = self.now();
         if let Some((resource, up)) = outcome.verdict {
             let event = if outcome.witness {
                 Event::WitnessReachable(up)
@@ -521,6 +881,16 @@ impl Runner {
         };
         tracing::info!(rule = %decision.caller, log = %decision.log, "failover rule fired");
         self.modlog.log(modlog::Level::Event, decision.log.clone());
+        if let Some(resource) = decision.wait_for {
+            let actions = self.machine.handle(
+                self.now(),
+                Event::WaitForResource {
+                    resource,
+                    caller: decision.caller.clone(),
+                },
+            );
+            self.execute(actions, None).await;
+        }
         if let Some(command) = decision.command {
             if decision.then_start {
                 self.start_after_stop = Some(decision.caller.clone());
@@ -553,6 +923,11 @@ impl Runner {
         let Some(caller) = self.start_after_stop.take() else {
             return;
         };
+        if let Err(reason) = self.prestart(Command::Start).await {
+            self.modlog
+                .log(modlog::Level::Critical, format!("stopstart: {reason}"));
+            return;
+        }
         let actions = self.machine.handle(
             self.now(),
             Event::Command {
@@ -563,15 +938,28 @@ impl Runner {
         self.execute(actions, None).await;
     }
 
-    fn spawn_script(&self, script: Script) {
+    /// Runs `start_prim` or `stop_prim` through the script queue (a forced
+    /// `stop_prim` at once: it must be able to interrupt a hung graceful one);
+    /// the outcome comes back as [`RunnerEvent::ScriptFinished`]. `change` is
+    /// the state change of the same batch of actions, for the arguments.
+    fn spawn_script(&self, script: Script, change: Option<(State, State)>) {
         let state = self.machine.state();
         let timeouts = self.setup.script_timeouts();
-        let (name, force, action, next, timeout) = match script {
-            Script::StartPrim => ("start_prim", false, "start", state, timeouts.start),
+        let stop_action = if self.start_after_stop.is_some() {
+            "stopstart"
+        } else {
+            "stop"
+        };
+        let (name, force, action, current, next, timeout) = match script {
+            Script::StartPrim => {
+                let (current, next) = change.unwrap_or((state, state));
+                ("start_prim", false, "start", current, next, timeouts.start)
+            }
             Script::StopPrim { force } => (
                 "stop_prim",
                 force,
-                "stop",
+                stop_action,
+                state,
                 State::Stop,
                 if force {
                     timeouts.force_stop
@@ -595,9 +983,9 @@ impl Runner {
         let env = self.script_env.clone();
         let applog = self.applog.clone();
         let modlog = self.modlog.clone();
-        let current = state.name();
+        let current = current.name();
         let next = next.name();
-        tokio::spawn(async move {
+        let job = async move {
             let call = ScriptCall {
                 name,
                 current_state: current,
@@ -625,6 +1013,116 @@ impl Runner {
                 }
             };
             let _ = events.send(RunnerEvent::ScriptFinished { script, success });
+        };
+        if matches!(script, Script::StopPrim { force: true }) {
+            tokio::spawn(job);
+        } else {
+            self.script_queue.push(job);
+        }
+    }
+
+    /// The hooks of the state changes in `actions` ([`scripts::transition_hooks`]).
+    fn hooks_of(&self, actions: &[Action]) -> Vec<scripts::Hook> {
+        let mut hooks = Vec::new();
+        for action in actions {
+            if let Action::StateChanged { from, to, .. } = action {
+                let verb = match to {
+                    State::Stop if self.start_after_stop.is_some() => "stopstart",
+                    State::Stop => "stop",
+                    // A `wait()` rule stopped the module (SafeKit's checker-initiated wait).
+                    State::Wait(safekit_core::cluster::WaitReason::ResourceDown) => "stopwait",
+                    _ => "start",
+                };
+                hooks.extend(scripts::transition_hooks(from.name(), to.name(), verb));
+            }
+        }
+        hooks
+    }
+
+    /// Queues a hook script (absent: nothing runs, nothing is logged). A stop
+    /// hook is called gracefully (`nicestoptimeout`), then with `force`
+    /// (`forcestoptimeout`) if that failed, or at once with `force` during a
+    /// `forcestop`. `done` gets whether it succeeded.
+    fn queue_hook(&self, hook: scripts::Hook, done: Option<oneshot::Sender<bool>>) {
+        if !self.scripts_enabled {
+            if let Some(done) = done {
+                let _ = done.send(true);
+            }
+            return;
+        }
+        let timeouts = self.setup.script_timeouts();
+        let env = self.script_env.clone();
+        let applog = self.applog.clone();
+        let modlog = self.modlog.clone();
+        let mut force = hook.stop && self.forced_stop;
+        self.script_queue.push(async move {
+            let success = loop {
+                let call = ScriptCall {
+                    name: hook.name,
+                    current_state: hook.current_state,
+                    next_state: hook.next_state,
+                    action: hook.action,
+                    force,
+                    timeout: if force {
+                        timeouts.force_stop
+                    } else if hook.stop || hook.name == "poststop" {
+                        timeouts.nice_stop
+                    } else {
+                        timeouts.start
+                    },
+                };
+                let success = match scripts::run_script(&env, &applog, &call).await {
+                    Ok(scripts::ScriptOutcome::Absent) => true,
+                    Ok(outcome) => {
+                        let level = if outcome.is_success() {
+                            modlog::Level::Script
+                        } else {
+                            modlog::Level::Critical
+                        };
+                        modlog.log(
+                            level,
+                            format!(
+                                "Script {} {}: {outcome}",
+                                hook.name,
+                                call.arguments().join(" ")
+                            ),
+                        );
+                        outcome.is_success()
+                    }
+                    Err(error) => {
+                        modlog.log(
+                            modlog::Level::Critical,
+                            format!("Script {}: {error}", hook.name),
+                        );
+                        false
+                    }
+                };
+                if success || force || !hook.stop {
+                    break success;
+                }
+                modlog.log(
+                    modlog::Level::Event,
+                    format!("{} failed: running {} force", hook.name, hook.name),
+                );
+                force = true;
+            };
+            if let Some(done) = done {
+                let _ = done.send(success);
+            }
+        });
+    }
+
+    /// Starts the checkers' probes; those of an earlier configuration end.
+    fn spawn_checkers(&self) {
+        use std::sync::atomic::Ordering;
+        let generation = Arc::clone(&self.checker_generation);
+        let mine = generation.fetch_add(1, Ordering::SeqCst) + 1;
+        let checker_events = self.events.clone();
+        crate::checkers::spawn(&self.checker_specs, move |observation| {
+            generation.load(Ordering::SeqCst) == mine
+                && checker_events
+                    .send(RunnerEvent::Checker(observation))
+                    .is_ok()
         });
     }
 
@@ -745,6 +1243,20 @@ impl Runner {
         self.status.send_replace(self.render());
     }
 
+    /// The `data` line of `state -v`: what an operator needs to know about this node's copy.
+    fn data_detail(&self) -> String {
+        let peer = &self.setup.params.peer;
+        match self.machine.state() {
+            State::Second(SecondPhase::InSync) => format!("in sync with the primary {peer}"),
+            State::Second(SecondPhase::Resyncing) => {
+                format!("being resynchronized from {peer} (not up to date yet)")
+            }
+            State::Prim => format!("up to date, replicated to {peer}"),
+            _ if self.machine.persistent().up_to_date => "up to date".into(),
+            _ => "not known to be up to date".into(),
+        }
+    }
+
     fn render(&self) -> ModuleStatus {
         let state = self.machine.state();
         let readiness = if self.machine.is_transient() {
@@ -756,16 +1268,19 @@ impl Runner {
         };
         let mut details: Vec<(String, String)> = vec![
             ("state".into(), state.to_string()),
-            ("readiness".into(), readiness.into()),
-            ("module id".into(), self.setup.id.get().to_string()),
             (
-                "data".into(),
-                if self.machine.persistent().up_to_date {
-                    "up to date".into()
-                } else {
-                    "not known to be up to date".into()
-                },
+                "readiness".into(),
+                match readiness {
+                    "Transient" => {
+                        "Transient (a change is under way: script, stop or reintegration)"
+                    }
+                    "Ready" => "Ready",
+                    _ => "Not ready (no application, no replica kept up to date here)",
+                }
+                .into(),
             ),
+            ("module id".into(), self.setup.id.get().to_string()),
+            ("data".into(), self.data_detail()),
         ];
         let peer = match self.machine.peer_state() {
             Some(peer_state) => format!(
@@ -814,19 +1329,19 @@ impl Runner {
                 crate::datapath::render_resync(&self.machine),
             ));
         }
-        if let Some(transition) = self.machine.last_transition() {
-            let ago = self.now().saturating_sub(transition.at);
-            details.push((
-                "last transition".into(),
-                format!(
+        details.push((
+            "last transition".into(),
+            match self.machine.last_transition() {
+                Some(transition) => format!(
                     "{} -> {}: {} ({:.1} s ago)",
                     transition.from,
                     transition.to,
                     transition.reason,
-                    ago.as_secs_f64()
+                    self.now().saturating_sub(transition.at).as_secs_f64()
                 ),
-            ));
-        }
+                None => "none since the agent started (see safekit log)".into(),
+            },
+        ));
         details.extend(self.checkers.details(self.now()));
         details.extend(self.datapath.stats().details);
         ModuleStatus {
@@ -872,6 +1387,10 @@ pub struct Registry {
     pub rejected: std::collections::BTreeMap<String, Vec<String>>,
     /// This node's name.
     pub node: String,
+    /// Each module's "start at boot" setting (`safekit boot`, `<service boot>`).
+    pub boot: super::boot::BootSettings,
+    /// What `safekit config` and `safekit cluster config` need to rebuild a module's setup.
+    pub reload: Option<Arc<super::load::ReloadContext>>,
 }
 
 /// The registry, shared by the admin socket's connections.

@@ -28,7 +28,7 @@
 //!   diverged files aside, resyncs fully and becomes SECOND.
 //! - Impossible combinations are logged at error and resolved to WAIT.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use safekit_protocol::heartbeat::{
@@ -114,6 +114,8 @@ pub enum WaitReason {
     NoUpToDateNode,
     /// An impossible combination was seen.
     Inconsistent,
+    /// A `wait()` rule fired: held until its resources are up again (then the implicit wakeup).
+    ResourceDown,
 }
 
 /// The two phases of SECOND.
@@ -172,6 +174,7 @@ impl State {
                     WaitReason::ResyncFailed => Detail::ResyncFailed,
                     WaitReason::NoUpToDateNode => Detail::NoUpToDateNode,
                     WaitReason::Inconsistent => Detail::Inconsistent,
+                    WaitReason::ResourceDown => Detail::ResourceDown,
                 },
             ),
         }
@@ -203,6 +206,7 @@ impl WaitReason {
             WaitReason::ResyncFailed => "resynchronization failed",
             WaitReason::NoUpToDateNode => "no node is known to be up to date",
             WaitReason::Inconsistent => "inconsistent cluster state",
+            WaitReason::ResourceDown => "a resource of a wait rule is down",
         }
     }
 }
@@ -301,7 +305,7 @@ pub enum Event {
         /// Why, for the log.
         reason: String,
     },
-    /// A checker's verdict changed (issue 7 maps these to rules; logged for now).
+    /// A checker's verdict changed (logged; an up verdict may end a `wait()`).
     CheckerVerdict {
         /// The resource (`intf.eth0`, `custom.app`).
         resource: String,
@@ -310,6 +314,15 @@ pub enum Event {
     },
     /// The split-brain witness is (not) reachable.
     WitnessReachable(bool),
+    /// A `wait()` rule fired for `resource` (down): stop the module and hold
+    /// it in WAIT until the resource is up again ([`Event::CheckerVerdict`]),
+    /// then start it again as a `start` would (SafeKit's implicit wakeup).
+    WaitForResource {
+        /// The resource (`intf.eth0`, `custom.app`).
+        resource: String,
+        /// The rule, shown as `Action wait called by <caller>`.
+        caller: String,
+    },
 }
 
 /// A script of the module's `bin/`.
@@ -447,6 +460,10 @@ enum AfterStop {
         persist_up_to_date: bool,
     },
     Wait(WaitReason),
+    /// A `wait()` rule: WAIT until the resources are up (up to date unless the peer took over).
+    WaitResource {
+        persist_up_to_date: bool,
+    },
     /// Split-brain loser: set files aside, then join as SECOND.
     SecondAfterSplitBrain {
         since: Option<GenerationId>,
@@ -494,6 +511,8 @@ pub struct Machine {
     generation_counter: u64,
     last_transition: Option<Transition>,
     checkers: BTreeMap<String, bool>,
+    /// The resources a `wait()` rule holds the module in WAIT for.
+    waiting_for: BTreeSet<String>,
     /// SECOND resynchronizing: the attempt it asks its primary to serve.
     resync_attempt: u64,
     attempt_counter: u64,
@@ -540,6 +559,7 @@ impl Machine {
             generation_counter: 0,
             last_transition: None,
             checkers: BTreeMap::new(),
+            waiting_for: BTreeSet::new(),
             resync_attempt: 0,
             attempt_counter: 0,
             serve: None,
@@ -599,6 +619,11 @@ impl Machine {
     /// Last verdict of each checker (issue 7).
     pub fn checkers(&self) -> &BTreeMap<String, bool> {
         &self.checkers
+    }
+
+    /// The resources a `wait()` rule holds the module in WAIT for (empty otherwise).
+    pub fn waiting_for(&self) -> &BTreeSet<String> {
+        &self.waiting_for
     }
 
     /// When to deliver the next [`Event::Tick`], if anything is time-driven.
@@ -726,6 +751,9 @@ impl Machine {
                     );
                 }
                 self.witness = Some(reachable);
+            }
+            Event::WaitForResource { resource, caller } => {
+                self.on_wait_for_resource(resource, &caller, &mut out);
             }
         }
         self.evaluate(&mut out);
@@ -858,6 +886,45 @@ impl Machine {
                 }
             }
         }
+    }
+
+    /// A `wait()` rule fired: stop what runs here and WAIT for the resource.
+    fn on_wait_for_resource(&mut self, resource: String, caller: &str, out: &mut Vec<Action>) {
+        log(out, Level::Info, format!("Action wait called by {caller}"));
+        if self.busy.is_some() {
+            log(
+                out,
+                Level::Warn,
+                "Action wait refused: a script is running".into(),
+            );
+            return;
+        }
+        match self.state {
+            State::Stop => return,
+            State::Alone | State::Prim => {
+                let persist_up_to_date = match self.stop_target() {
+                    AfterStop::Stop { persist_up_to_date } => persist_up_to_date,
+                    _ => true,
+                };
+                self.pending = None;
+                self.swap_requested = false;
+                self.stop_application(false, AfterStop::WaitResource { persist_up_to_date }, out);
+            }
+            State::Second(_) => {
+                out.push(Action::SetReplicationRole(ReplicationRole::Off));
+                self.handover_until = None;
+                self.swap_requested = false;
+                self.persistent.up_to_date = false;
+                self.persistent.was_primary = false;
+                self.persist(out);
+                self.set_wait(WaitReason::ResourceDown, &format!("{resource} down"), out);
+            }
+            State::Wait(_) => {
+                self.pending = None;
+                self.set_wait(WaitReason::ResourceDown, &format!("{resource} down"), out);
+            }
+        }
+        self.waiting_for.insert(resource);
     }
 
     fn stop(&mut self, force: bool, out: &mut Vec<Action>) {
@@ -1349,6 +1416,26 @@ impl Machine {
         };
         // Reasons that hold until something specific changes.
         match reason {
+            WaitReason::ResourceDown => {
+                let down: Vec<&String> = self
+                    .waiting_for
+                    .iter()
+                    .filter(|resource| self.checkers.get(*resource) != Some(&true))
+                    .collect();
+                if !down.is_empty() {
+                    return;
+                }
+                let resources: Vec<String> =
+                    std::mem::take(&mut self.waiting_for).into_iter().collect();
+                log(
+                    out,
+                    Level::Info,
+                    format!(
+                        "Action wakeup called by Implicit_wakeup: {} up again",
+                        resources.join(", ")
+                    ),
+                );
+            }
             WaitReason::Inconsistent => return,
             WaitReason::FailoverOff if present.is_none() => return,
             WaitReason::ReplicationDegraded | WaitReason::ResyncFailed
@@ -1805,7 +1892,8 @@ impl Machine {
     fn alone_while_stopping(&mut self, out: &mut Vec<Action>) {
         if let Some(Busy::StoppingPrim { then, .. }) = &mut self.busy {
             match then {
-                AfterStop::Stop { persist_up_to_date } => *persist_up_to_date = true,
+                AfterStop::Stop { persist_up_to_date }
+                | AfterStop::WaitResource { persist_up_to_date } => *persist_up_to_date = true,
                 AfterStop::Handover => {
                     *then = AfterStop::Restart;
                     log(out, Level::Warn, "Swap aborted: the peer is no longer in sync; restarting the application here".into());
@@ -1972,6 +2060,18 @@ impl Machine {
                 out.push(Action::SetReplicationRole(ReplicationRole::Off));
                 self.transition(State::Wait(reason), reason.describe(), out);
             }
+            AfterStop::WaitResource { persist_up_to_date } => {
+                out.push(Action::SetReplicationRole(ReplicationRole::Off));
+                self.persistent.up_to_date = persist_up_to_date;
+                self.persistent.was_primary = persist_up_to_date;
+                self.persist(out);
+                let resources: Vec<String> = self.waiting_for.iter().cloned().collect();
+                self.transition(
+                    State::Wait(WaitReason::ResourceDown),
+                    &format!("{} down", resources.join(", ")),
+                    out,
+                );
+            }
             AfterStop::SecondAfterSplitBrain { since, reason } => {
                 out.push(Action::SetReplicationRole(ReplicationRole::Off));
                 out.push(Action::SetAsideDivergedFiles {
@@ -2013,6 +2113,17 @@ impl Machine {
         let from = self.state;
         if from == to {
             return;
+        }
+        let stopping_to_wait = matches!(
+            self.busy,
+            Some(Busy::StoppingPrim {
+                then: AfterStop::WaitResource { .. },
+                ..
+            })
+        );
+        if to != State::Wait(WaitReason::ResourceDown) && !stopping_to_wait {
+            // Left the wait (stop, prim, second, wakeup): nothing holds the module any more.
+            self.waiting_for.clear();
         }
         self.state = to;
         if !matches!(to, State::Second(_)) {

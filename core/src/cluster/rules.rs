@@ -36,6 +36,11 @@ pub enum LocalAction {
     Stop,
     /// Only log.
     Noaction,
+    /// Stop the module and hold it in WAIT until the resource is up again
+    /// (SafeKit's implicit wakeup then starts it). Counts toward `maxloop`.
+    Wait,
+    /// Exchange the PRIM and SECOND roles.
+    Swap,
 }
 
 impl LocalAction {
@@ -46,11 +51,16 @@ impl LocalAction {
             LocalAction::Stopstart => "stopstart",
             LocalAction::Stop => "stop",
             LocalAction::Noaction => "noaction",
+            LocalAction::Wait => "wait",
+            LocalAction::Swap => "swap",
         }
     }
 
     fn counts_toward_maxloop(self) -> bool {
-        matches!(self, LocalAction::Restart | LocalAction::Stopstart)
+        matches!(
+            self,
+            LocalAction::Restart | LocalAction::Stopstart | LocalAction::Wait
+        )
     }
 }
 
@@ -157,6 +167,9 @@ pub struct Decision {
     pub command: Option<Command>,
     /// Start the module again once it is stopped (`stopstart`).
     pub then_start: bool,
+    /// `wait`: the resource the module must wait for, in WAIT, before it starts again
+    /// (give it to the machine as [`super::Event::WaitForResource`]).
+    pub wait_for: Option<String>,
     /// The caller the machine shows (`Action restart called by <caller>`).
     pub caller: String,
     /// Which rule fired and why, for the module log.
@@ -176,11 +189,13 @@ pub fn decide(
     if !action.counts_toward_maxloop() {
         let command = match action {
             LocalAction::Stop => Some(Command::Stop),
+            LocalAction::Swap => Some(Command::Swap),
             _ => None,
         };
         return Decision {
             command,
             then_start: false,
+            wait_for: None,
             caller: rule.to_string(),
             log: format!("{trigger}: action {}", action.name()),
         };
@@ -198,6 +213,7 @@ pub fn decide(
         return Decision {
             command: Some(Command::Stop),
             then_start: false,
+            wait_for: None,
             caller: MAXLOOP_CALLER.to_string(),
             log: format!(
                 "{trigger}: {} would be action number {count}{window}, more than maxloop {}: the module stops",
@@ -206,13 +222,15 @@ pub fn decide(
             ),
         };
     }
-    let (command, then_start) = match action {
-        LocalAction::Restart => (Command::Restart, false),
-        _ => (Command::Stop, true),
+    let (command, then_start, wait_for) = match action {
+        LocalAction::Restart => (Some(Command::Restart), false, None),
+        LocalAction::Wait => (None, false, Some(resource.to_string())),
+        _ => (Some(Command::Stop), true, None),
     };
     Decision {
-        command: Some(command),
+        command,
         then_start,
+        wait_for,
         caller: rule.to_string(),
         log: format!(
             "{trigger}: action {} ({count}/{} of maxloop{window})",
@@ -220,6 +238,382 @@ pub fn decide(
             counter.maxloop
         ),
     }
+}
+
+/// A resource's value as rules test it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResourceValue {
+    /// The checker says it works.
+    Up,
+    /// The checker says it failed.
+    Down,
+    /// No verdict yet (or the checker is not active).
+    Init,
+    /// Not known here (`remote.` resources, classes the agent does not report).
+    Unknown,
+}
+
+impl ResourceValue {
+    fn parse(word: &str) -> Option<ResourceValue> {
+        match word {
+            "up" => Some(ResourceValue::Up),
+            "down" => Some(ResourceValue::Down),
+            "init" => Some(ResourceValue::Init),
+            "unknown" => Some(ResourceValue::Unknown),
+            _ => None,
+        }
+    }
+}
+
+/// `[local.|remote.]class.id` in a rule; `id` may hold `*` and `?`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResourceRef {
+    /// `remote.`: the peer's resource.
+    pub remote: bool,
+    /// `class.id`.
+    pub name: String,
+}
+
+impl ResourceRef {
+    /// Whether `resource` (`class.id`) is one this reference names.
+    pub fn matches(&self, resource: &str) -> bool {
+        wildcard_match(self.name.as_bytes(), resource.as_bytes())
+    }
+
+    fn is_pattern(&self) -> bool {
+        self.name.contains(['*', '?'])
+    }
+}
+
+fn wildcard_match(pattern: &[u8], text: &[u8]) -> bool {
+    match (pattern.first(), text.first()) {
+        (None, None) => true,
+        (Some(b'*'), _) => {
+            wildcard_match(&pattern[1..], text)
+                || (!text.is_empty() && wildcard_match(pattern, &text[1..]))
+        }
+        (Some(b'?'), Some(_)) => wildcard_match(&pattern[1..], &text[1..]),
+        (Some(p), Some(t)) if p == t => wildcard_match(&pattern[1..], &text[1..]),
+        _ => false,
+    }
+}
+
+/// A rule's condition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Condition {
+    /// `resource == value` (`equal`) or `resource != value`; with a pattern,
+    /// `==` holds when any matching resource has the value.
+    Compare {
+        /// The resource(s).
+        resource: ResourceRef,
+        /// `==` or `!=`.
+        equal: bool,
+        /// The value.
+        value: ResourceValue,
+    },
+    /// `!c`.
+    Not(Box<Condition>),
+    /// `a && b`.
+    And(Box<Condition>, Box<Condition>),
+    /// `a || b`.
+    Or(Box<Condition>, Box<Condition>),
+}
+
+impl Condition {
+    /// Evaluates with `values`: every known local resource and its value.
+    pub fn holds(&self, values: &[(&str, ResourceValue)]) -> bool {
+        match self {
+            Condition::Compare {
+                resource,
+                equal,
+                value,
+            } => {
+                let any_equal = if resource.remote {
+                    *value == ResourceValue::Unknown
+                } else {
+                    let mut matching = values
+                        .iter()
+                        .filter(|(name, _)| resource.matches(name))
+                        .peekable();
+                    if matching.peek().is_none() {
+                        *value == ResourceValue::Unknown
+                    } else {
+                        matching.any(|(_, current)| current == value)
+                    }
+                };
+                any_equal == *equal
+            }
+            Condition::Not(inner) => !inner.holds(values),
+            Condition::And(a, b) => a.holds(values) && b.holds(values),
+            Condition::Or(a, b) => a.holds(values) || b.holds(values),
+        }
+    }
+
+    /// The local, non-pattern resources it compares, in order.
+    pub fn resources(&self) -> Vec<&str> {
+        let mut out = Vec::new();
+        self.collect(&mut out);
+        out
+    }
+
+    fn collect<'a>(&'a self, out: &mut Vec<&'a str>) {
+        match self {
+            Condition::Compare { resource, .. } => {
+                if !resource.remote
+                    && !resource.is_pattern()
+                    && !out.contains(&resource.name.as_str())
+                {
+                    out.push(&resource.name);
+                }
+            }
+            Condition::Not(inner) => inner.collect(out),
+            Condition::And(a, b) | Condition::Or(a, b) => {
+                a.collect(out);
+                b.collect(out);
+            }
+        }
+    }
+}
+
+/// One `label: if (condition) then action();` of `<failover>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    /// The label, shown as the caller (`Action stopstart called by <label>`).
+    pub label: String,
+    /// When it fires.
+    pub condition: Condition,
+    /// What it does.
+    pub action: LocalAction,
+}
+
+/// Parses the `<failover>` rule blocks (each CDATA section); Lua blocks
+/// (`--Lua Rules`) are skipped. Returns the rules understood and one problem
+/// per statement that is not (assignments such as `rfs.uptodate=up`, other
+/// actions), which the caller logs: such statements do nothing.
+pub fn parse_rules(blocks: &[String]) -> (Vec<Rule>, Vec<String>) {
+    let mut rules = Vec::new();
+    let mut problems = Vec::new();
+    for block in blocks {
+        if block.trim_start().starts_with("--Lua") {
+            problems.push("Lua rules are not supported: block ignored".to_string());
+            continue;
+        }
+        let text: String = block
+            .lines()
+            .map(|line| line.split("//").next().unwrap_or(""))
+            .collect::<Vec<_>>()
+            .join("\n");
+        for statement in text.split(';') {
+            let statement = statement.trim();
+            if statement.is_empty() {
+                continue;
+            }
+            match parse_rule(statement) {
+                Ok(rule) => rules.push(rule),
+                Err(reason) => problems.push(format!(
+                    "rule `{}` not understood ({reason}): ignored",
+                    statement.split_whitespace().collect::<Vec<_>>().join(" ")
+                )),
+            }
+        }
+    }
+    (rules, problems)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Token {
+    Word(String),
+    Symbol(&'static str),
+}
+
+fn tokenize(text: &str) -> Result<Vec<Token>, String> {
+    let mut tokens = Vec::new();
+    let mut chars = text.char_indices().peekable();
+    while let Some((start, c)) = chars.next() {
+        if c.is_whitespace() {
+            continue;
+        }
+        let two = text.get(start..start + 2);
+        if let Some(symbol) = ["&&", "||", "==", "!="]
+            .into_iter()
+            .find(|symbol| two == Some(*symbol))
+        {
+            chars.next();
+            tokens.push(Token::Symbol(symbol));
+            continue;
+        }
+        if let Some(symbol) = ["(", ")", "!", ":", "="]
+            .into_iter()
+            .find(|symbol| symbol.starts_with(c))
+        {
+            tokens.push(Token::Symbol(symbol));
+            continue;
+        }
+        let is_word = |c: char| c.is_alphanumeric() || matches!(c, '_' | '.' | '*' | '?' | '-');
+        if !is_word(c) {
+            return Err(format!("unexpected `{c}`"));
+        }
+        let mut end = start + c.len_utf8();
+        while let Some((index, next)) = chars.peek().copied() {
+            if !is_word(next) {
+                break;
+            }
+            end = index + next.len_utf8();
+            chars.next();
+        }
+        tokens.push(Token::Word(text[start..end].to_string()));
+    }
+    Ok(tokens)
+}
+
+struct Parser {
+    tokens: Vec<Token>,
+    at: usize,
+}
+
+impl Parser {
+    fn peek(&self) -> Option<&Token> {
+        self.tokens.get(self.at)
+    }
+
+    fn next(&mut self) -> Option<Token> {
+        let token = self.tokens.get(self.at).cloned();
+        self.at += 1;
+        token
+    }
+
+    fn symbol(&mut self, symbol: &'static str) -> Result<(), String> {
+        match self.next() {
+            Some(Token::Symbol(found)) if found == symbol => Ok(()),
+            other => Err(format!(
+                "expected `{symbol}`, found {}",
+                describe(other.as_ref())
+            )),
+        }
+    }
+
+    fn word(&mut self) -> Result<String, String> {
+        match self.next() {
+            Some(Token::Word(word)) => Ok(word),
+            other => Err(format!(
+                "expected a name, found {}",
+                describe(other.as_ref())
+            )),
+        }
+    }
+
+    fn or(&mut self) -> Result<Condition, String> {
+        let mut left = self.and()?;
+        while self.peek() == Some(&Token::Symbol("||")) {
+            self.at += 1;
+            left = Condition::Or(Box::new(left), Box::new(self.and()?));
+        }
+        Ok(left)
+    }
+
+    fn and(&mut self) -> Result<Condition, String> {
+        let mut left = self.unary()?;
+        while self.peek() == Some(&Token::Symbol("&&")) {
+            self.at += 1;
+            left = Condition::And(Box::new(left), Box::new(self.unary()?));
+        }
+        Ok(left)
+    }
+
+    fn unary(&mut self) -> Result<Condition, String> {
+        match self.peek() {
+            Some(Token::Symbol("!")) => {
+                self.at += 1;
+                Ok(Condition::Not(Box::new(self.unary()?)))
+            }
+            Some(Token::Symbol("(")) => {
+                self.at += 1;
+                let inner = self.or()?;
+                self.symbol(")")?;
+                Ok(inner)
+            }
+            _ => {
+                let name = self.word()?;
+                let equal = match self.next() {
+                    Some(Token::Symbol("==")) => true,
+                    Some(Token::Symbol("!=")) => false,
+                    other => {
+                        return Err(format!(
+                            "expected `==` or `!=` after {name}, found {}",
+                            describe(other.as_ref())
+                        ));
+                    }
+                };
+                let value_word = self.word()?;
+                let value = ResourceValue::parse(&value_word).ok_or_else(|| {
+                    format!("`{value_word}` is not a value: expected up, down, init or unknown")
+                })?;
+                let (remote, name) = if let Some(rest) = name.strip_prefix("remote.") {
+                    (true, rest.to_string())
+                } else {
+                    (
+                        false,
+                        name.strip_prefix("local.").unwrap_or(&name).to_string(),
+                    )
+                };
+                if !name.contains('.') {
+                    return Err(format!("`{name}` is not a resource (class.id)"));
+                }
+                Ok(Condition::Compare {
+                    resource: ResourceRef { remote, name },
+                    equal,
+                    value,
+                })
+            }
+        }
+    }
+}
+
+fn describe(token: Option<&Token>) -> String {
+    match token {
+        Some(Token::Word(word)) => format!("`{word}`"),
+        Some(Token::Symbol(symbol)) => format!("`{symbol}`"),
+        None => "the end".to_string(),
+    }
+}
+
+fn parse_rule(statement: &str) -> Result<Rule, String> {
+    let mut parser = Parser {
+        tokens: tokenize(statement)?,
+        at: 0,
+    };
+    let label = parser.word()?;
+    parser.symbol(":")?;
+    if parser.word()? != "if" {
+        return Err("expected `if`".to_string());
+    }
+    let condition = parser.or()?;
+    if parser.word()? != "then" {
+        return Err("expected `then`".to_string());
+    }
+    let action_word = parser.word()?;
+    let action = match action_word.as_str() {
+        "restart" => LocalAction::Restart,
+        "stopstart" => LocalAction::Stopstart,
+        "stop" => LocalAction::Stop,
+        "wait" => LocalAction::Wait,
+        "swap" => LocalAction::Swap,
+        "noaction" => LocalAction::Noaction,
+        other => return Err(format!("unsupported action `{other}`")),
+    };
+    parser.symbol("(")?;
+    parser.symbol(")")?;
+    if let Some(extra) = parser.peek() {
+        return Err(format!(
+            "unexpected {} after the action",
+            describe(Some(extra))
+        ));
+    }
+    Ok(Rule {
+        label,
+        condition,
+        action,
+    })
 }
 
 #[cfg(test)]
@@ -304,6 +698,269 @@ mod tests {
         let third = decide(&mut counter, s(11), "r", "x", "", LocalAction::Stopstart);
         assert_eq!(third.caller, MAXLOOP_CALLER);
         assert!(!third.then_start);
+    }
+
+    #[test]
+    fn wait_counts_toward_maxloop_and_names_its_resource() {
+        let mut counter = LoopCounter::new(1, Duration::ZERO);
+        let wait = decide(
+            &mut counter,
+            s(0),
+            "interface_failure",
+            "intf.lan",
+            "no carrier",
+            LocalAction::Wait,
+        );
+        assert_eq!(wait.command, None);
+        assert_eq!(wait.wait_for.as_deref(), Some("intf.lan"));
+        assert!(
+            wait.log.contains("action wait (1/1 of maxloop)"),
+            "{}",
+            wait.log
+        );
+        let again = decide(
+            &mut counter,
+            s(1),
+            "interface_failure",
+            "intf.lan",
+            "no carrier",
+            LocalAction::Wait,
+        );
+        assert_eq!(
+            (again.command, again.caller.as_str()),
+            (Some(Command::Stop), MAXLOOP_CALLER)
+        );
+        assert_eq!(again.wait_for, None);
+        let swap = decide(
+            &mut counter,
+            s(2),
+            "c_app",
+            "custom.app",
+            "set",
+            LocalAction::Swap,
+        );
+        assert_eq!(swap.command, Some(Command::Swap));
+        assert_eq!(counter.count(s(2)), 0, "swap does not count");
+    }
+
+    /// The simulated pair: a `wait()` rule on the primary hands the application
+    /// over, holds the node in WAIT while the resource is down, and the implicit
+    /// wakeup makes it SECOND of the new primary once it is up.
+    #[test]
+    fn wait_on_the_primary_fails_over_and_the_wakeup_joins_as_second() {
+        use super::super::machine::{Event, SecondPhase, State, WaitReason};
+        use super::super::sim::{PairOptions, Sim, ms};
+        const NODE1: usize = 0;
+        const NODE2: usize = 1;
+        let mut sim = Sim::pair(PairOptions::default());
+        sim.run_for(ms(5000));
+        sim.command(NODE1, Command::Prim);
+        sim.drive();
+        sim.command(NODE2, Command::Second);
+        sim.drive();
+        assert_eq!(sim.state(NODE1), State::Prim, "{}", sim.dump());
+        assert_eq!(
+            sim.state(NODE2),
+            State::Second(SecondPhase::InSync),
+            "{}",
+            sim.dump()
+        );
+
+        let down = Event::CheckerVerdict {
+            resource: "intf.lan".into(),
+            up: false,
+        };
+        sim.deliver_event(NODE1, down);
+        sim.deliver_event(
+            NODE1,
+            Event::WaitForResource {
+                resource: "intf.lan".into(),
+                caller: "interface_failure".into(),
+            },
+        );
+        sim.drive();
+        assert_eq!(
+            sim.state(NODE1),
+            State::Wait(WaitReason::ResourceDown),
+            "{}",
+            sim.dump()
+        );
+        assert_eq!(sim.state(NODE2), State::Alone, "{}", sim.dump());
+        assert!(!sim.nodes[NODE1].application_running && !sim.nodes[NODE1].vip);
+        assert!(
+            sim.logged(NODE1, "Action wait called by interface_failure"),
+            "{}",
+            sim.dump()
+        );
+        sim.run_for(ms(10_000));
+        assert_eq!(
+            sim.state(NODE1),
+            State::Wait(WaitReason::ResourceDown),
+            "held while down"
+        );
+
+        sim.deliver_event(
+            NODE1,
+            Event::CheckerVerdict {
+                resource: "intf.lan".into(),
+                up: true,
+            },
+        );
+        sim.drive();
+        sim.run_for(ms(5000));
+        assert!(
+            sim.logged(
+                NODE1,
+                "Action wakeup called by Implicit_wakeup: intf.lan up again"
+            ),
+            "{}",
+            sim.dump()
+        );
+        assert_eq!(
+            sim.state(NODE1),
+            State::Second(SecondPhase::InSync),
+            "{}",
+            sim.dump()
+        );
+        assert_eq!(sim.state(NODE2), State::Prim, "{}", sim.dump());
+    }
+
+    #[test]
+    fn wait_on_a_lone_primary_resumes_it_when_the_resource_is_back() {
+        use super::super::machine::{Event, State, WaitReason};
+        use super::super::sim::{PairOptions, Sim, ms};
+        const NODE1: usize = 0;
+        let mut sim = Sim::pair(PairOptions::default());
+        sim.run_for(ms(5000));
+        sim.crash(1);
+        sim.command(NODE1, Command::Prim);
+        sim.drive();
+        assert_eq!(sim.state(NODE1), State::Alone, "{}", sim.dump());
+        sim.deliver_event(
+            NODE1,
+            Event::CheckerVerdict {
+                resource: "ping.gw".into(),
+                up: false,
+            },
+        );
+        sim.deliver_event(
+            NODE1,
+            Event::WaitForResource {
+                resource: "ping.gw".into(),
+                caller: "p_gw".into(),
+            },
+        );
+        sim.drive();
+        assert_eq!(
+            sim.state(NODE1),
+            State::Wait(WaitReason::ResourceDown),
+            "{}",
+            sim.dump()
+        );
+        assert!(!sim.nodes[NODE1].application_running);
+        sim.deliver_event(
+            NODE1,
+            Event::CheckerVerdict {
+                resource: "ping.gw".into(),
+                up: true,
+            },
+        );
+        sim.drive();
+        assert_eq!(
+            sim.state(NODE1),
+            State::Alone,
+            "up to date, peer absent: {}",
+            sim.dump()
+        );
+        assert!(sim.nodes[NODE1].application_running);
+    }
+
+    #[test]
+    fn failover_rules_are_parsed_and_evaluated() {
+        let blocks = vec![
+            "\n c_app_down: if (custom.app == down && !(tcp.web == up)) then stopstart(); // x\n both: if (remote.custom.app == down || proc.* == down) then wait();\n set_it: if (heartbeat.* == down) then rfs.uptodate=up;\n".to_string(),
+            "--Lua Rules\nRules = Rules + {}".to_string(),
+        ];
+        let (rules, problems) = parse_rules(&blocks);
+        assert_eq!(rules.len(), 2, "{rules:#?}");
+        assert_eq!(problems.len(), 2, "{problems:#?}");
+        assert!(
+            problems[0].contains("rule `set_it: if (heartbeat.* == down) then rfs.uptodate=up`"),
+            "{}",
+            problems[0]
+        );
+        assert!(problems[1].contains("Lua"), "{}", problems[1]);
+        let first = &rules[0];
+        assert_eq!(
+            (first.label.as_str(), first.action),
+            ("c_app_down", LocalAction::Stopstart)
+        );
+        assert_eq!(first.condition.resources(), vec!["custom.app", "tcp.web"]);
+        let values = |app, web| {
+            vec![
+                ("custom.app", app),
+                ("tcp.web", web),
+                ("proc.x", ResourceValue::Up),
+            ]
+        };
+        assert!(
+            first
+                .condition
+                .holds(&values(ResourceValue::Down, ResourceValue::Down))
+        );
+        assert!(
+            !first
+                .condition
+                .holds(&values(ResourceValue::Down, ResourceValue::Up))
+        );
+        assert!(
+            !first
+                .condition
+                .holds(&values(ResourceValue::Init, ResourceValue::Down))
+        );
+        let second = &rules[1];
+        assert_eq!(second.action, LocalAction::Wait);
+        assert!(
+            !second
+                .condition
+                .holds(&values(ResourceValue::Up, ResourceValue::Up)),
+            "remote values are unknown here"
+        );
+        let proc_down = vec![
+            ("proc.a", ResourceValue::Up),
+            ("proc.b", ResourceValue::Down),
+        ];
+        assert!(
+            second.condition.holds(&proc_down),
+            "a pattern matches any resource"
+        );
+    }
+
+    #[test]
+    fn malformed_rules_are_reported_not_guessed() {
+        for (text, why) in [
+            (
+                "r: if (custom.a = down) then stop();",
+                "expected `==` or `!=`",
+            ),
+            (
+                "r: if (custom.a == sideways) then stop();",
+                "`sideways` is not a value",
+            ),
+            (
+                "r: if (custom.a == down) then reboot();",
+                "unsupported action `reboot`",
+            ),
+            ("r: if (custom.a == down then stop();", "expected `)`"),
+            (
+                "r: if (app == down) then stop();",
+                "`app` is not a resource",
+            ),
+        ] {
+            let (rules, problems) = parse_rules(&[text.to_string()]);
+            assert!(rules.is_empty(), "{text}");
+            assert!(problems[0].contains(why), "{text}: {}", problems[0]);
+        }
     }
 
     #[test]

@@ -735,6 +735,7 @@ fn check_checkers(
             }
             splitbrain_seen = true;
         }
+        check_checker_period(checker, diagnostics);
         if checker.kind != CheckerKind::Custom {
             continue;
         }
@@ -744,6 +745,53 @@ fn check_checkers(
             diagnostics.push(checker.origin.attribute_error(
                 "exec",
                 format!("`{exec}` is not in the module's bin/ folder: a custom checker runs a program of the module"),
+            ));
+        }
+    }
+}
+
+/// A probe must end before the next one starts: `timeout` ≤ `interval`,
+/// for the checker and for each `<to>` that overrides either. The default
+/// timeout (5 s) is not an error with a shorter interval: the agent then uses
+/// the interval as the timeout.
+fn check_checker_period(checker: &Checker, diagnostics: &mut Vec<Diagnostic>) {
+    if matches!(checker.kind, CheckerKind::Custom | CheckerKind::Splitbrain) {
+        return;
+    }
+    let element = checker.kind.element();
+    let default_timeout = Checker::new(checker.kind, None).timeout;
+    if checker.timeout > checker.interval && checker.timeout != default_timeout {
+        diagnostics.push(checker.origin.attribute_error(
+            "timeout",
+            format!(
+                "<{element}> checker {}: timeout {} is larger than its interval {}: a probe would still run when the next one starts",
+                checker.resource_ident(),
+                format_duration(checker.timeout),
+                format_duration(checker.interval)
+            ),
+        ));
+        return;
+    }
+    for to in &checker.to {
+        if to.interval.is_none() && to.timeout.is_none() {
+            continue;
+        }
+        let interval = to.interval.unwrap_or(checker.interval);
+        let timeout = to.timeout.unwrap_or(checker.timeout);
+        if timeout > interval && (to.timeout.is_some() || timeout != default_timeout) {
+            let attribute = if to.timeout.is_some() {
+                "timeout"
+            } else {
+                "interval"
+            };
+            diagnostics.push(to.origin.attribute_error(
+                attribute,
+                format!(
+                    "<{element}> checker {}: timeout {} is larger than the interval {}: a probe would still run when the next one starts",
+                    checker.resource_ident(),
+                    format_duration(timeout),
+                    format_duration(interval)
+                ),
             ));
         }
     }
@@ -791,6 +839,18 @@ fn check_failover(config: &UserConfig, failover: &Failover, diagnostics: &mut Ve
                 format_duration(failover.period)
             ),
         ));
+    }
+    // What the agent's rule engine cannot run is ignored there: say so now
+    // (Lua blocks are SafeKit's own engine's: the agent logs them at start).
+    let plain_rules: Vec<String> = failover
+        .rules
+        .iter()
+        .filter(|block| !block.trim_start().starts_with("--Lua"))
+        .cloned()
+        .collect();
+    let (_, problems) = crate::cluster::rules::parse_rules(&plain_rules);
+    for problem in problems {
+        diagnostics.push(failover.origin.diagnostic(Severity::Warning, problem));
     }
     let known = known_resources(config);
     for block in &failover.rules {
@@ -954,6 +1014,156 @@ mod tests {
             resource_references(rules),
             vec!["custom.app", "heartbeat.flow", "tcp.*"]
         );
+    }
+
+    /// The errors (`file:line:col: ...` lines) of a module whose `<service>` holds `body`.
+    fn checker_errors(body: &str, bin: &[&str]) -> Vec<String> {
+        let text = format!(
+            "<safe>\n<service mode=\"mirror\">\n<heart><heartbeat name=\"default\"/></heart>\n<user/>\n{body}\n</service>\n</safe>\n"
+        );
+        let config = match super::super::parse_userconfig("userconfig.xml", &text) {
+            Ok(config) => config,
+            Err(errors) => {
+                return errors.diagnostics.iter().map(ToString::to_string).collect();
+            }
+        };
+        let bin: Vec<String> = bin.iter().map(|name| (*name).to_owned()).collect();
+        let context = ValidationContext {
+            module_bin: Some(&bin),
+            ..ValidationContext::default()
+        };
+        validate(&config, &context)
+            .iter()
+            .filter(|diagnostic| diagnostic.is_error())
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    fn assert_one_error(errors: &[String], position: &str, words: &[&str]) {
+        assert_eq!(errors.len(), 1, "{errors:#?}");
+        assert!(
+            errors[0].starts_with(&format!("userconfig.xml:{position}")),
+            "the error names the file and position: {}",
+            errors[0]
+        );
+        for word in words {
+            assert!(errors[0].contains(word), "`{word}` in: {}", errors[0]);
+        }
+    }
+
+    #[test]
+    fn a_good_checker_configuration_has_no_error() {
+        let errors = checker_errors(
+            r#"<check>
+<tcp ident="web" interval="2" timeout="1"><to addr="127.0.0.1" port="80"/></tcp>
+<intf ident="lan" interval="1"><to local_addr="10.0.0.1"/></intf>
+<custom ident="app" exec="check_app" action="stopstart"/>
+</check>
+<failover><![CDATA[
+c_app_down: if (custom.app == down && tcp.web == up) then wait();
+]]></failover>"#,
+            &["check_app"],
+        );
+        assert!(errors.is_empty(), "{errors:#?}");
+    }
+
+    #[test]
+    fn a_rule_on_an_unknown_resource_is_refused() {
+        let errors = checker_errors(
+            r#"<check><custom ident="app" exec="check_app"/></check>
+<failover><![CDATA[
+r: if (custom.other == down) then stopstart();
+]]></failover>"#,
+            &["check_app"],
+        );
+        assert_one_error(&errors, "6:", &["<failover>", "custom.other", "custom.app"]);
+        let errors = checker_errors(
+            "<failover><![CDATA[\nr: if (foo.bar == down) then stop();\n]]></failover>",
+            &[],
+        );
+        assert_one_error(&errors, "5:", &["`foo.bar`", "class `foo` is unknown"]);
+    }
+
+    #[test]
+    fn a_rule_the_agent_cannot_run_is_a_warning() {
+        let text = "<safe><service mode=\"mirror\"><heart><heartbeat name=\"default\"/></heart>\n<check><custom ident=\"app\" exec=\"check_app\"/></check>\n<failover><![CDATA[\nr: if (custom.app == down) then rfs.uptodate=up;\n]]></failover></service></safe>";
+        let config = super::super::parse_userconfig("userconfig.xml", text).expect("parses");
+        let diagnostics = validate(&config, &ValidationContext::default());
+        assert_eq!(diagnostics.len(), 1, "{diagnostics:#?}");
+        assert!(!diagnostics[0].is_error());
+        let line = diagnostics[0].to_string();
+        assert!(
+            line.contains("rule `r: if (custom.app == down) then rfs.uptodate=up` not understood"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn a_zero_or_negative_interval_is_refused() {
+        for interval in ["0", "-5"] {
+            let errors = checker_errors(
+                &format!(
+                    r#"<check><ping ident="gw" interval="{interval}"><to addr="10.0.0.254"/></ping></check>"#
+                ),
+                &[],
+            );
+            assert_one_error(&errors, "5:", &["ping", "interval"]);
+        }
+    }
+
+    #[test]
+    fn a_timeout_larger_than_the_interval_is_refused() {
+        let errors = checker_errors(
+            r#"<check>
+<tcp ident="web" interval="2" timeout="3"><to addr="127.0.0.1" port="80"/></tcp>
+</check>"#,
+            &[],
+        );
+        assert_one_error(
+            &errors,
+            "6:",
+            &[
+                "tcp",
+                "timeout",
+                "web",
+                "timeout 3s is larger than its interval 2s",
+            ],
+        );
+        let errors = checker_errors(
+            r#"<check>
+<tcp ident="web" interval="10"><to addr="127.0.0.1" port="80" interval="1" timeout="2"/></tcp>
+</check>"#,
+            &[],
+        );
+        assert_one_error(
+            &errors,
+            "6:",
+            &["<to>", "timeout 2s is larger than the interval 1s"],
+        );
+    }
+
+    #[test]
+    fn a_handle_time_that_is_not_a_multiple_of_period_is_refused() {
+        let errors = checker_errors(
+            r#"<failover period="5000ms" handle_time="12000ms"></failover>"#,
+            &[],
+        );
+        assert_one_error(&errors, "5:", &["handle_time", "not a multiple of period"]);
+    }
+
+    #[test]
+    fn a_custom_checker_without_its_program_is_refused() {
+        let errors = checker_errors(
+            r#"<check><custom ident="app" exec="check_app"/></check>"#,
+            &["start_prim"],
+        );
+        assert_one_error(
+            &errors,
+            "5:",
+            &["custom", "exec", "`check_app` is not in the module's bin/"],
+        );
+        let errors = checker_errors(r#"<check><custom ident="app"/></check>"#, &[]);
+        assert_one_error(&errors, "5:", &["custom", "exec"]);
     }
 
     #[test]

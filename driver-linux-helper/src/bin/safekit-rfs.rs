@@ -16,7 +16,7 @@
 //!   --module NAME --dirty-log FILE [--full] [--checksum] [--nbrei N]` runs one
 //!   reintegration of the (unmounted) directories to a peer's `receive`, prints
 //!   its counters on one `resync: key=value...` line and exits (benchmarks, manual repair).
-//! - `safekit-rfs dirty-add --dirty-log FILE [--dir-index N] PATH...` records
+//! - `safekit-rfs dirty-add --dirty-log FILE [--dir-index N] [--range OFF+LEN]... PATH...` records
 //!   paths (relative to the replicated directory) in a dirty log, as the mount
 //!   does for changes made while the peer is absent (benchmarks, manual repair).
 //! - `safekit-rfs recover --dir PATH` detaches the stale mount a crashed helper
@@ -45,7 +45,7 @@ use safekit_linux_helper::resync::{
     FileLocks, ResyncConfig, ResyncEngine, ResyncKind, ResyncOutcome,
 };
 use safekit_linux_helper::transport::{Role, Sender, SenderConfig};
-use safekit_protocol::replication::{RelPath, TouchedFile};
+use safekit_protocol::replication::{ByteRange, RelPath, TouchedFile};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -170,6 +170,10 @@ enum Command {
         /// The replicated directory index the paths are beneath.
         #[arg(long, default_value_t = 0)]
         dir_index: u16,
+        /// Record only these byte ranges of each path (`OFFSET+LEN`, repeatable),
+        /// as writes made while the peer was absent are recorded.
+        #[arg(long = "range")]
+        ranges: Vec<String>,
         /// Paths relative to the replicated directory.
         #[arg(required = true)]
         paths: Vec<PathBuf>,
@@ -265,22 +269,34 @@ fn main() -> anyhow::Result<()> {
         Command::DirtyAdd {
             dirty_log,
             dir_index,
+            ranges,
             paths,
         } => {
             let log = safekit_linux_helper::dirty::DirtyLog::open(&dirty_log)
                 .with_context(|| format!("cannot open the dirty log {}", dirty_log.display()))?;
-            let files = paths
+            let ranges = ranges
                 .iter()
-                .map(|path| {
-                    let rel = RelPath::parse(path.as_os_str().as_bytes())
-                        .with_context(|| format!("{} is not a relative path", path.display()))?;
-                    Ok(TouchedFile {
-                        dir: dir_index,
-                        path: rel,
-                        range: None,
-                    })
+                .map(|range| {
+                    let (offset, len) = range
+                        .split_once('+')
+                        .and_then(|(o, l)| Some((o.parse().ok()?, l.parse().ok()?)))
+                        .with_context(|| format!("range {range:?} is not OFFSET+LEN"))?;
+                    Ok(Some(ByteRange { offset, len }))
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
+            let ranges = if ranges.is_empty() { vec![None] } else { ranges };
+            let mut files = Vec::new();
+            for path in &paths {
+                let rel = RelPath::parse(path.as_os_str().as_bytes())
+                    .with_context(|| format!("{} is not a relative path", path.display()))?;
+                for range in &ranges {
+                    files.push(TouchedFile {
+                        dir: dir_index,
+                        path: rel.clone(),
+                        range: *range,
+                    });
+                }
+            }
             let recorded = log
                 .record(&files)
                 .with_context(|| format!("cannot write the dirty log {}", dirty_log.display()))?;
@@ -508,12 +524,16 @@ fn run_resync(args: ResyncArgs) -> anyhow::Result<()> {
     let ResyncOutcome::Completed { stats } = outcome;
     println!(
         "resync: kind={} seconds={seconds:.3} files_examined={} files_sent={} blocks_compared={} \
+         file_blocks={} files_by_range={} files_whole={} \
          blocks_sent={} bytes_sent={} entries_deleted={} dirs_created={} attr_updates={} \
          extra_passes={} deferred={} stream_bytes={}",
         if args.full { "full" } else { "incremental" },
         stats.files_examined,
         stats.files_sent,
         stats.blocks_compared,
+        stats.file_blocks,
+        stats.files_by_range,
+        stats.files_whole,
         stats.blocks_sent,
         stats.bytes_sent,
         stats.entries_deleted,

@@ -46,10 +46,20 @@
 //!   files of the *receiving* node's activity log, asked first
 //!   (`ActivityFiles`): when the replica crashed as primary, those are the
 //!   files it may have changed without shipping the change, which no log of
-//!   this node knows. A recorded path that
-//!   no longer exists on the primary is removed from the replica (a directory
-//!   with its contents); a recorded directory is compared as a subtree (a
-//!   renamed directory lands there); a recorded file is compared block by block.
+//!   this node knows. What is compared of each recorded name follows its
+//!   records ([`crate::dirty::Change`]): a name that no longer exists on the
+//!   primary is removed from the replica (a directory with its contents); a
+//!   directory recorded whole (created, renamed: a renamed directory lands
+//!   there) is compared as a subtree, one recorded for its attributes only
+//!   (the times a create, delete or rename in it shipped) by its own
+//!   metadata, its changed entries having records of their own; a file
+//!   recorded with ranges only (writes while alone, failed applies) has only
+//!   the blocks covering those ranges hashed and compared, on both sides,
+//!   plus its size and attributes; a file recorded whole (created, renamed,
+//!   truncated, too many ranges, any activity-log entry) is compared block by
+//!   block in full, and so is a file whose replica size the ranges cannot
+//!   explain. [`ResyncStats`] counts the files of each kind and the blocks
+//!   compared against the blocks of the files compared.
 //! - Full ([`ResyncKind::Full`]): every directory of the primary is listed
 //!   and compared with the replica's listing (type, size, mtime, mode, owner):
 //!   extra entries are removed, missing ones created, and files whose size or
@@ -84,10 +94,10 @@
 //! to date.
 //!
 //! Known limits: hard links are copied as separate files; sparse files become
-//! dense on the replica; extended attributes are not compared; the dirty
-//! log's byte ranges are not used (a recorded file is compared whole, which
-//! reads it on both sides); a directory renamed while not yet compared is
-//! re-compared whole.
+//! dense on the replica; extended attributes are not compared; a directory
+//! renamed while not yet compared is re-compared whole, and so is a
+//! directory renamed while alone (its new name is compared as a subtree
+//! against a replica that has it under the old name).
 
 pub mod cursor;
 pub mod locks;
@@ -95,7 +105,7 @@ pub(crate) mod records;
 pub mod serve;
 pub(crate) mod tree;
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
@@ -110,7 +120,7 @@ use safekit_protocol::resync::{
     DirEntry, EntryKind, EntryMeta, MAX_BLOCKS_PER_REQUEST, ReplyBody, RequestBody,
 };
 
-use crate::dirty::DirtyLog;
+use crate::dirty::{Change, DirtyLog, DirtyRecord, merge_runs};
 use crate::replicator::{ReplicateOutcome, Replicator, WaitFor};
 use crate::transport::{RequestFailed, Role, Sender};
 pub use cursor::{CursorStart, ResyncCursor};
@@ -192,6 +202,16 @@ pub struct ResyncStats {
     pub files_resumed: u64,
     /// Blocks whose hashes were compared.
     pub blocks_compared: u64,
+    /// Blocks of the files whose blocks were compared: what comparing each of
+    /// them whole would have hashed (compare with `blocks_compared`).
+    pub file_blocks: u64,
+    /// Files compared only over the blocks covering the dirty log's recorded
+    /// ranges (or by metadata alone, when only attributes were recorded).
+    pub files_by_range: u64,
+    /// Files compared whole: no range recorded (created, renamed, truncated,
+    /// too many ranges, an activity-log entry after a crash), a size the
+    /// ranges do not explain, or a full resync's quick check failed.
+    pub files_whole: u64,
     /// Blocks shipped.
     pub blocks_sent: u64,
     /// Data bytes shipped.
@@ -305,6 +325,9 @@ struct Counters {
     files_sent: AtomicU64,
     files_resumed: AtomicU64,
     blocks_compared: AtomicU64,
+    file_blocks: AtomicU64,
+    files_by_range: AtomicU64,
+    files_whole: AtomicU64,
     blocks_sent: AtomicU64,
     bytes_sent: AtomicU64,
     entries_deleted: AtomicU64,
@@ -330,6 +353,9 @@ impl Counters {
             &self.files_sent,
             &self.files_resumed,
             &self.blocks_compared,
+            &self.file_blocks,
+            &self.files_by_range,
+            &self.files_whole,
             &self.blocks_sent,
             &self.bytes_sent,
             &self.entries_deleted,
@@ -353,6 +379,9 @@ impl Counters {
             files_sent: v(&self.files_sent),
             files_resumed: v(&self.files_resumed),
             blocks_compared: v(&self.blocks_compared),
+            file_blocks: v(&self.file_blocks),
+            files_by_range: v(&self.files_by_range),
+            files_whole: v(&self.files_whole),
             blocks_sent: v(&self.blocks_sent),
             bytes_sent: v(&self.bytes_sent),
             entries_deleted: v(&self.entries_deleted),
@@ -482,6 +511,80 @@ struct Job {
     remote: Option<Option<EntryMeta>>,
     /// The replica's parent directory is known to exist.
     parent_known: bool,
+    /// What to compare.
+    scope: Scope,
+}
+
+/// What an incremental resync compares of one name, from its dirty records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Scope {
+    /// Everything: a file's every block, a directory's subtree.
+    Whole,
+    /// A file's blocks covering these `(start, end)` byte runs (sorted,
+    /// merged), and its size and attributes.
+    Ranges(Vec<(u64, u64)>),
+    /// Only the entry's attributes (and its existence and type).
+    Attrs,
+}
+
+impl Scope {
+    fn of(change: Change) -> Scope {
+        match change {
+            Change::Whole => Scope::Whole,
+            Change::Range(range) => {
+                Scope::Ranges(vec![(range.offset, range.offset.saturating_add(range.len))])
+            }
+            Change::Attrs => Scope::Attrs,
+        }
+    }
+
+    fn merge(self, other: Scope) -> Scope {
+        match (self, other) {
+            (Scope::Whole, _) | (_, Scope::Whole) => Scope::Whole,
+            (Scope::Ranges(mut a), Scope::Ranges(b)) => {
+                a.extend(b);
+                Scope::Ranges(merge_runs(a))
+            }
+            (Scope::Ranges(a), Scope::Attrs) | (Scope::Attrs, Scope::Ranges(a)) => {
+                Scope::Ranges(a)
+            }
+            (Scope::Attrs, Scope::Attrs) => Scope::Attrs,
+        }
+    }
+}
+
+/// The names of `records` in first-seen order, each with what to compare of it.
+fn scopes(records: Vec<DirtyRecord>) -> Vec<(u16, RelPath, Scope)> {
+    let mut order = Vec::new();
+    let mut by_name: HashMap<(u16, RelPath), Scope> = HashMap::new();
+    for record in records {
+        let key = (record.dir, record.path);
+        let scope = Scope::of(record.change);
+        match by_name.remove(&key) {
+            Some(before) => {
+                by_name.insert(key, before.merge(scope));
+            }
+            None => {
+                order.push(key.clone());
+                by_name.insert(key, scope);
+            }
+        }
+    }
+    order
+        .into_iter()
+        .filter_map(|key| {
+            let scope = by_name.remove(&key)?;
+            Some((key.0, key.1, scope))
+        })
+        .collect()
+}
+
+fn whole_record((dir, path): (u16, RelPath)) -> DirtyRecord {
+    DirtyRecord {
+        dir,
+        path,
+        change: Change::Whole,
+    }
 }
 
 /// One run's shared state.
@@ -591,10 +694,10 @@ impl ResyncEngine {
         .map_err(io_error("resync cursor"))?;
         let since = usize::try_from(cursor.start().dirty_records).unwrap_or(usize::MAX);
         let redirtied = dirty
-            .files
+            .records
             .iter()
             .skip(since)
-            .map(|touched| (touched.dir, touched.path.clone()))
+            .map(|record| (record.dir, record.path.clone()))
             .collect();
         let run = Run {
             engine: self,
@@ -609,17 +712,18 @@ impl ResyncEngine {
             touched_dirs: Mutex::new(HashSet::new()),
             quick_check_before: quick_check_before(),
         };
-        let mut seen_records = dirty.files.len();
-        let mut paths: Vec<(u16, RelPath)> = dirty
-            .files
-            .iter()
-            .map(|touched| (touched.dir, touched.path.clone()))
-            .collect();
+        let mut seen_records = dirty.records.len();
+        let mut records = dirty.records;
         if let ResyncKind::Incremental { extra } = &kind {
-            paths.extend(extra.iter().cloned());
-            paths.extend(self.peer_activity_files()?);
+            // The activity logs name files, not ranges: compared whole.
+            records.extend(extra.iter().cloned().map(whole_record));
+            records.extend(self.peer_activity_files()?.into_iter().map(whole_record));
         }
-        self.locks.start_collecting((!full).then(|| paths.clone()));
+        let paths: Vec<(u16, RelPath)> = records
+            .iter()
+            .map(|record| (record.dir, record.path.clone()))
+            .collect();
+        self.locks.start_collecting((!full).then_some(paths));
         struct StopCollecting<'a>(&'a FileLocks);
         impl Drop for StopCollecting<'_> {
             fn drop(&mut self) {
@@ -642,7 +746,7 @@ impl ResyncEngine {
                 if full {
                     run.full()?;
                 } else {
-                    run.incremental(paths)?;
+                    run.incremental(records)?;
                 }
                 run.finish(&dirty_path, &mut seen_records)
             })();
@@ -981,6 +1085,27 @@ impl Run<'_> {
         Ok(true)
     }
 
+    /// Gives the replica's directory `path` the primary's mode and owner (its
+    /// mtime is set at the end); `false` when the replica has no directory there.
+    fn sync_dir_attrs(&self, dir: u16, path: &RelPath) -> Result<bool, ResyncError> {
+        bump(&self.counters().files_examined, 1);
+        let Some(remote) = self.remote_stat(dir, path)? else {
+            return Ok(false);
+        };
+        if remote.kind != EntryKind::Dir {
+            return Ok(false);
+        }
+        let _namespace = self.engine.locks.shared_namespace();
+        if let Some((_, local)) = self.local_lstat(dir, path)?
+            && local.kind == EntryKind::Dir
+            && !same_attrs(&remote, &local)
+        {
+            self.set_attrs(dir, path, &local, false)?;
+        }
+        self.note_dir(dir, path);
+        Ok(true)
+    }
+
     fn mkdir(&self, dir: u16, path: &RelPath, local: &EntryMeta) -> Result<(), ResyncError> {
         self.submit(Op::Mkdir {
             dir,
@@ -1190,23 +1315,23 @@ impl Run<'_> {
         produced
     }
 
-    fn incremental(&self, paths: Vec<(u16, RelPath)>) -> Result<(), ResyncError> {
-        // Dedupe, keep the first occurrence's order.
-        let mut seen = HashSet::new();
-        let paths: Vec<(u16, RelPath)> = paths
-            .into_iter()
-            .filter(|key| seen.insert(key.clone()))
-            .collect();
+    /// Compares the names of `records`: a name gone on the primary is removed
+    /// from the replica, a directory recorded whole is compared as a subtree,
+    /// one recorded for its attributes only by its own metadata, a file over
+    /// its recorded ranges (or whole).
+    fn incremental(&self, records: Vec<DirtyRecord>) -> Result<(), ResyncError> {
         let mut missing = Vec::new();
         let mut dirs = Vec::new();
+        let mut attr_dirs = Vec::new();
         let mut others = Vec::new();
         let mut files = Vec::new();
-        for (dir, path) in paths {
+        for (dir, path, scope) in scopes(records) {
             match self.local_lstat(dir, &path)? {
                 None => missing.push((dir, path)),
                 Some((_, meta)) => match meta.kind {
-                    EntryKind::Dir => dirs.push((dir, path)),
-                    EntryKind::File => files.push((dir, path, meta.size)),
+                    EntryKind::Dir if scope == Scope::Whole => dirs.push((dir, path)),
+                    EntryKind::Dir => attr_dirs.push((dir, path)),
+                    EntryKind::File => files.push((dir, path, meta.size, scope)),
                     EntryKind::Symlink | EntryKind::Special => others.push((dir, path)),
                 },
             }
@@ -1214,7 +1339,7 @@ impl Run<'_> {
         let counters = self.counters();
         bump(
             &counters.files_total,
-            (missing.len() + dirs.len() + others.len() + files.len()) as u64,
+            (missing.len() + dirs.len() + attr_dirs.len() + others.len() + files.len()) as u64,
         );
         bump(&counters.bytes_total, files.iter().map(|f| f.2).sum());
         // Removals first, deepest first, so that a directory is emptied before it goes.
@@ -1227,6 +1352,19 @@ impl Run<'_> {
             self.engine.locks.mark_finished(*dir, path);
             self.note_parent(*dir, path);
             bump(&counters.files_done, 1);
+        }
+        // Directories whose attributes (the times a namespace change in them
+        // shipped) were recorded: their own metadata only; the changed names
+        // have records of their own. One missing on the replica is compared
+        // as a subtree.
+        for (dir, path) in attr_dirs {
+            self.check_stop()?;
+            if self.sync_dir_attrs(dir, &path)? {
+                self.engine.locks.mark_finished(dir, &path);
+                bump(&counters.files_done, 1);
+            } else {
+                dirs.push((dir, path));
+            }
         }
         // Subtrees of recorded directories (a recorded ancestor covers its descendants).
         dirs.sort_by_key(|(_, path)| path.components().len());
@@ -1262,7 +1400,7 @@ impl Run<'_> {
                 }
                 bump(&counters.files_done, 1);
             }
-            for (dir, path, size) in files {
+            for (dir, path, size, scope) in files {
                 if self.skip_resumed(dir, &path, size) {
                     continue;
                 }
@@ -1272,6 +1410,7 @@ impl Run<'_> {
                     path,
                     remote: None,
                     parent_known: false,
+                    scope,
                 })?;
             }
             Ok(())
@@ -1403,6 +1542,7 @@ impl Run<'_> {
                                 path: child,
                                 remote: Some(remote),
                                 parent_known: true,
+                                scope: Scope::Whole,
                             })?;
                         }
                     }
@@ -1550,8 +1690,47 @@ impl Run<'_> {
         };
         let remote_size = remote.as_ref().map_or(0, |meta| meta.size);
         let mut sent_any = false;
-        // Compare the blocks both sides have, two requests in flight.
         let compare_blocks = blocks(size.min(remote_size), block_size);
+        // Which of the blocks both sides have to compare: those covering the
+        // recorded ranges, or all. Ranges cannot explain a replica larger than
+        // the file (a truncate is recorded whole), nor, with attributes only, a
+        // different size: compare such a file whole.
+        let scope = match &job.scope {
+            Scope::Ranges(_) if remote_size > size => &Scope::Whole,
+            Scope::Attrs if remote_size != size => &Scope::Whole,
+            scope => scope,
+        };
+        let mut chunks: Vec<(u64, u64)> = match scope {
+            _ if remote.is_none() => Vec::new(),
+            Scope::Whole => vec![(0, compare_blocks)],
+            Scope::Attrs => Vec::new(),
+            Scope::Ranges(runs) => {
+                let mut wanted: Vec<(u64, u64)> = runs
+                    .iter()
+                    .filter(|(start, end)| end > start)
+                    .map(|&(start, end)| (start / block_size, (end - 1) / block_size + 1))
+                    .collect();
+                // The replica's last, partial block when the file grew.
+                if remote_size < size && remote_size % block_size != 0 {
+                    let partial = remote_size / block_size;
+                    wanted.push((partial, partial + 1));
+                }
+                merge_runs(wanted)
+                    .into_iter()
+                    .map(|(first, end)| (first, end.min(compare_blocks)))
+                    .filter(|(first, end)| end > first)
+                    .collect()
+            }
+        };
+        if remote.is_some() {
+            bump(&counters.file_blocks, blocks(size, block_size));
+            if *scope == Scope::Whole {
+                bump(&counters.files_whole, 1);
+            } else {
+                bump(&counters.files_by_range, 1);
+            }
+        }
+        // Requests of at most `per_request` blocks, a few in flight.
         let per_request = u64::from(
             MAX_BLOCKS_PER_REQUEST.min(
                 u32::try_from((16u64 << 20) / block_size)
@@ -1559,13 +1738,24 @@ impl Run<'_> {
                     .max(1),
             ),
         );
+        chunks = chunks
+            .into_iter()
+            .flat_map(|(first, end)| {
+                (first..end)
+                    .step_by(usize::try_from(per_request).unwrap_or(1))
+                    .map(move |start| (start, (end - start).min(per_request)))
+            })
+            .collect();
+        let in_flight = if *scope == Scope::Whole { 2 } else { 8 };
+        let mut chunks = chunks.into_iter();
         let mut differing: Vec<u64> = Vec::new();
         let mut requested: VecDeque<(u64, u64, crate::transport::RequestTicket)> = VecDeque::new();
-        let mut next_block = 0u64;
         let mut buf = vec![0u8; usize::try_from(block_size).unwrap_or(usize::MAX)];
         loop {
-            while requested.len() < 2 && next_block < compare_blocks {
-                let count = per_request.min(compare_blocks - next_block);
+            while requested.len() < in_flight {
+                let Some((first_block, count)) = chunks.next() else {
+                    break;
+                };
                 // Under the lock, so that the name in the request is the file's name
                 // at the request's place in the stream.
                 let Some((guard, current)) = self.engine.locks.lock_tracked(tracked) else {
@@ -1575,12 +1765,11 @@ impl Run<'_> {
                     dir,
                     path: current,
                     block_size: config.block_size,
-                    first_block: next_block,
+                    first_block,
                     count: u32::try_from(count).unwrap_or(MAX_BLOCKS_PER_REQUEST),
                 })?;
                 drop(guard);
-                requested.push_back((next_block, count, ticket));
-                next_block += count;
+                requested.push_back((first_block, count, ticket));
             }
             let Some((first, count, ticket)) = requested.pop_front() else {
                 break;
@@ -1757,7 +1946,7 @@ impl Run<'_> {
                 source: io::Error::other(error.to_string()),
             })?;
             let recheck = self.engine.locks.take_recheck();
-            if dirty.files.len() <= *seen_records && recheck.is_empty() {
+            if dirty.records.len() <= *seen_records && recheck.is_empty() {
                 self.engine.locks.stop_collecting();
                 if self.engine.config.clear_dirty_log {
                     self.engine
@@ -1774,18 +1963,15 @@ impl Run<'_> {
                 return Err(ResyncError::Remote {
                     path: format!(
                         "{} files",
-                        dirty.files.len().saturating_sub(*seen_records) + recheck.len()
+                        dirty.records.len().saturating_sub(*seen_records) + recheck.len()
                     ),
                     errno: libc::EAGAIN,
                 });
             }
-            let mut again: Vec<(u16, RelPath)> = dirty.files
-                [(*seen_records).min(dirty.files.len())..]
-                .iter()
-                .map(|touched| (touched.dir, touched.path.clone()))
-                .collect();
-            again.extend(recheck);
-            *seen_records = dirty.files.len();
+            let mut again: Vec<DirtyRecord> =
+                dirty.records[(*seen_records).min(dirty.records.len())..].to_vec();
+            again.extend(recheck.into_iter().map(whole_record));
+            *seen_records = dirty.records.len();
             bump(&self.counters().extra_passes, 1);
             tracing::info!(
                 files = again.len(),

@@ -52,11 +52,11 @@ use std::time::{Duration, Instant};
 
 use safekit_protocol::auth::{self, Hello, PROTOCOL_VERSION, Proof};
 use safekit_protocol::frame::{EncodedBody, FrameDecoder, HEADER_LEN, Message};
-use safekit_protocol::replication::{Op, RelPath, TouchedFile};
+use safekit_protocol::replication::{Op, RelPath};
 use safekit_protocol::resync::{ReplyBody, RequestBody, ResyncRequest};
 
 use super::{TransportError, kind_name, random_nonce, receive, send};
-use crate::dirty::DirtyLog;
+use crate::dirty::{Change, DirtyLog, DirtyRecord, records_of};
 use crate::replicator::{ReplicateOutcome, Replicator, WaitFor};
 
 /// What the sender does with operations.
@@ -169,7 +169,7 @@ pub struct SenderStats {
 #[derive(Debug)]
 struct Pending {
     seq: u64,
-    touched: Vec<TouchedFile>,
+    touched: Vec<DirtyRecord>,
     bytes: usize,
     queued_at: Instant,
     has_waiter: bool,
@@ -505,6 +505,18 @@ impl Drop for Sender {
     }
 }
 
+/// The records of an operation made while alone: as [`records_of`], except
+/// that an fsync of a file already recorded adds nothing (with no peer, its
+/// only concern is changes the dirty log already names).
+fn alone_records(dirty_log: &DirtyLog, op: &Op) -> Vec<DirtyRecord> {
+    if let Op::Fsync { dir, path, .. } = op
+        && dirty_log.contains(*dir, path)
+    {
+        return Vec::new();
+    }
+    records_of(op)
+}
+
 impl Replicator for Sender {
     fn replicate(&self, op: Op, wait_for: WaitFor) -> ReplicateOutcome {
         let shared = &self.shared;
@@ -513,10 +525,10 @@ impl Replicator for Sender {
         let role = shared.lock().role;
         match role {
             Role::Off => return ReplicateOutcome::Off,
-            Role::Alone => return shared.record_alone(&op.touched()),
+            Role::Alone => return shared.record_alone(&alone_records(&shared.config.dirty_log, &op)),
             Role::Replicating => {}
         }
-        let touched = op.touched();
+        let touched = records_of(&op);
         // A durable wait for anything but an fsync (an O_SYNC write, say) ships an fsync
         // right behind it and waits for that one.
         let durability = (wait_for == WaitFor::Durable && !op.is_fsync())
@@ -654,8 +666,8 @@ impl Shared {
     }
 
     /// Records files durably and answers `Alone` (the caller holds no lock).
-    fn record_alone(&self, touched: &[TouchedFile]) -> ReplicateOutcome {
-        let result = self.config.dirty_log.record(touched);
+    fn record_alone(&self, touched: &[DirtyRecord]) -> ReplicateOutcome {
+        let result = self.config.dirty_log.record_changes(touched);
         let mut state = self.lock();
         state.stats.recorded_alone += 1;
         if let Err(error) = result {
@@ -671,7 +683,7 @@ impl Shared {
         &self,
         mut state: MutexGuard<'_, State>,
         now: Instant,
-        touched: &[TouchedFile],
+        touched: &[DirtyRecord],
         seqs: &[u64],
     ) -> ReplicateOutcome {
         if state.role == Role::Replicating && self.stalled(&state, now) {
@@ -710,12 +722,12 @@ impl Shared {
         if state.role != Role::Replicating {
             return;
         }
-        let touched: Vec<TouchedFile> = state
+        let touched: Vec<DirtyRecord> = state
             .pending
             .iter()
             .flat_map(|p| p.touched.iter().cloned())
             .collect();
-        if let Err(error) = self.config.dirty_log.record(&touched) {
+        if let Err(error) = self.config.dirty_log.record_changes(&touched) {
             state.stats.dirty_log_errors += 1;
             tracing::error!(%error, files = touched.len(), "cannot record unacknowledged files in the dirty log");
         }
@@ -992,7 +1004,7 @@ fn reader_loop(shared: &Shared, mut stream: TcpStream, mut decoder: FrameDecoder
                 }
             }
             Message::ApplyFailed(failed) => {
-                let mut touched = {
+                let pending = {
                     let state = shared.lock();
                     if state.generation != generation {
                         return;
@@ -1002,15 +1014,29 @@ fn reader_loop(shared: &Shared, mut stream: TcpStream, mut decoder: FrameDecoder
                         .iter()
                         .find(|p| p.seq == failed.seq)
                         .map(|p| p.touched.clone())
-                        .unwrap_or_default()
                 };
-                touched.push(TouchedFile {
-                    dir: failed.dir,
-                    path: failed.path.clone(),
-                    range: None,
-                });
+                // The failed operation's own records (a write's range) when it is
+                // known; its whole file otherwise.
+                let touched = match pending {
+                    Some(records)
+                        if records
+                            .iter()
+                            .any(|r| r.dir == failed.dir && r.path == failed.path) =>
+                    {
+                        records
+                    }
+                    other => {
+                        let mut records = other.unwrap_or_default();
+                        records.push(DirtyRecord {
+                            dir: failed.dir,
+                            path: failed.path.clone(),
+                            change: Change::Whole,
+                        });
+                        records
+                    }
+                };
                 // Durable before the Ack that follows is processed (this thread reads it next).
-                let recorded = shared.config.dirty_log.record(&touched);
+                let recorded = shared.config.dirty_log.record_changes(&touched);
                 let mut state = shared.lock();
                 state.stats.apply_errors += 1;
                 if let Err(error) = recorded {

@@ -97,6 +97,36 @@ pub(crate) fn require_tools() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Fails with the apt command to install when a tool of the failover bench
+/// is missing: keepalived (the comparison; not in CI) and python3 (the demo
+/// application and the client's probe). The namespace harness checks its own
+/// tools (ip, nft, nsenter, ...) when it builds a cluster.
+pub(crate) fn require_failover_tools() -> anyhow::Result<()> {
+    let mut missing = Vec::new();
+    for (tool, package) in [("keepalived", "keepalived"), ("python3", "python3")] {
+        let found = Command::new("sh")
+            .args([
+                "-c",
+                &format!("command -v {tool} || test -x /usr/sbin/{tool}"),
+            ])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !found {
+            missing.push((tool, package));
+        }
+    }
+    if !missing.is_empty() {
+        let tools: Vec<&str> = missing.iter().map(|(tool, _)| *tool).collect();
+        let packages: Vec<&str> = missing.iter().map(|(_, package)| *package).collect();
+        bail!(
+            "the failover bench needs {} (missing): apt-get install -y {}",
+            tools.join(" and "),
+            packages.join(" ")
+        );
+    }
+    Ok(())
+}
+
 /// Host paths and names of one bench run (one backing store).
 #[derive(Debug)]
 pub(crate) struct Env {

@@ -18,7 +18,10 @@
 //! The reintegration rows of issue 5 ([`resync`]: incremental and full
 //! resync against rsync, on a tree of small files and on a big file) run on
 //! the same kind of test bed after the data-path jobs, into a section of
-//! their own; `--only datapath|resync` runs one part alone.
+//! their own. The failover figures of issue 6 ([`failover`]: client-visible
+//! interruption on a crash and on a link down, ours at two heartbeat
+//! timeouts next to keepalived) come last, on namespaces of their own;
+//! `--only datapath|resync|failover` runs one part alone.
 //!
 //! Nothing here fails on a threshold: a job that errors is reported as such
 //! and the bench goes on; the bench fails only when the test bed cannot be
@@ -27,6 +30,7 @@
 //! removed by the next one.
 
 mod env;
+mod failover;
 mod jobs;
 mod procs;
 mod report;
@@ -72,9 +76,14 @@ pub(crate) struct BenchArgs {
     /// Use this `safekit-rfs` instead of building it (`cargo build --release`).
     #[arg(long)]
     rfs: Option<PathBuf>,
-    /// Run only one part: the data-path jobs or the reintegration (resync) rows.
+    /// Run only one part: the data-path jobs, the reintegration (resync) rows
+    /// or the failover figures (`--quick`: one run per cell instead of 5).
     #[arg(long, value_enum)]
     only: Option<Part>,
+    /// Failover part: do not build the agent; use the `safekit` and
+    /// `safekitd` next to xtask's own binary.
+    #[arg(long)]
+    no_build: bool,
     /// Markdown file whose sections are rewritten (relative to the project root).
     #[arg(long, default_value = "BENCHMARKS.md")]
     output: PathBuf,
@@ -87,6 +96,8 @@ enum Part {
     Datapath,
     /// The reintegration rows (incremental and full resync vs rsync).
     Resync,
+    /// The failover figures (client-visible interruption, ours vs keepalived).
+    Failover,
 }
 
 /// `--store`.
@@ -208,17 +219,49 @@ fn load_average() -> String {
 
 pub(crate) fn run(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
     env::require_root()?;
-    env::require_tools()?;
-    let interrupted = watch_stop_signals()?;
-    let rfs = match &args.rfs {
-        Some(path) => path.clone(),
-        None => build_rfs(root)?,
-    };
-    env::sweep_stale(&args.disk_dir);
-    if args.only != Some(Part::Resync) {
-        run_datapath(root, &args, &rfs, &interrupted)?;
+    let part = |part: Part| args.only.is_none_or(|only| only == part);
+    // Every missing tool is reported before anything long starts.
+    if part(Part::Failover) {
+        env::require_failover_tools()?;
     }
-    if args.only != Some(Part::Datapath) {
+    let data_parts = part(Part::Datapath) || part(Part::Resync);
+    if data_parts {
+        env::require_tools()?;
+    }
+    let interrupted = watch_stop_signals()?;
+    env::sweep_stale(&args.disk_dir);
+    if data_parts {
+        let rfs = match &args.rfs {
+            Some(path) => path.clone(),
+            None => build_rfs(root)?,
+        };
+        run_data_parts(root, &args, &rfs, &interrupted)?;
+    }
+    if part(Part::Failover) {
+        failover::run(
+            root,
+            args.quick,
+            !args.no_build,
+            &args.disk_dir,
+            &args.output,
+            &interrupted,
+        )?;
+    }
+    Ok(())
+}
+
+/// The data-path jobs and the reintegration rows (the parts that need `safekit-rfs`).
+fn run_data_parts(
+    root: &Path,
+    args: &BenchArgs,
+    rfs: &Path,
+    interrupted: &Arc<AtomicBool>,
+) -> anyhow::Result<()> {
+    let part = |part: Part| args.only.is_none_or(|only| only == part);
+    if part(Part::Datapath) {
+        run_datapath(root, args, rfs, interrupted)?;
+    }
+    if part(Part::Resync) {
         // One backing store: the machine's disk unless `--store ram`.
         let store = if args.store == StoreChoice::Ram {
             Store::Ram
@@ -230,9 +273,9 @@ pub(crate) fn run(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
             args.quick,
             store,
             &args.disk_dir,
-            &rfs,
+            rfs,
             &args.output,
-            &interrupted,
+            interrupted,
         )?;
     }
     Ok(())

@@ -9,21 +9,33 @@
 //!   over the same veth pair (the link's practical speed), and a local copy
 //!   from node 1's file system to node 2's (`cp -a` / `dd`, the disks' speed);
 //! - after 1% of the files (or of the big file's 64 KiB blocks) changed on
-//!   node 1: our incremental resync (the changed paths recorded in the dirty
-//!   log, as the mount records them while the peer is absent) against
-//!   `rsync -a --delete` and `rsync -a --delete --checksum`, each bringing its
-//!   own identical copy of the old state on node 2 up to date.
+//!   node 1: our incremental resync (the changed paths, and the big file's
+//!   changed ranges, recorded in the dirty log as the mount records writes
+//!   made while the peer is absent) against `rsync -a --delete` and
+//!   `rsync -a --delete --checksum`, each bringing the same old state on node 2
+//!   up to date.
+//!
+//! Disk: node 2 keeps one copy of the data set. The copy our full resync made
+//! is the old state; after each incremental method it is put back to the old
+//! state (the changed files' or blocks' old bytes and mtimes, saved before the
+//! change) for the next method. Each set's trees are deleted before the next.
+//! The run refuses to start without room for its two images.
+//!
+//! In full mode, the resync race of issue 5 follows: the library test
+//! `resync_while_writers_rewrite_create_rename_and_delete_ends_identical` at
+//! 1 GiB (CI runs it at 64 MiB), which asserts identical trees.
 //!
 //! Every copy is checked (`diff -rq`) against node 1 afterwards. Nothing fails
 //! on a threshold; the results go to stdout and to the reintegration section
 //! of `BENCHMARKS.md`.
 
 use std::fmt::Write as _;
-use std::io::{Seek, SeekFrom, Write as _};
+use std::io::Write as _;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, bail};
 
@@ -85,6 +97,23 @@ struct Row {
     result: Result<Timed, String>,
     /// `diff -rq` against node 1 afterwards.
     check: String,
+    /// Our engine's counters (its `resync:` line), for our rows.
+    detail: Option<String>,
+}
+
+/// What [`change`] did: enough to record it and to undo it on a copy.
+#[derive(Debug, Default)]
+struct Changed {
+    /// Changed paths, relative.
+    paths: Vec<String>,
+    /// The big file's changed byte ranges (`OFFSET+LEN`), for the dirty log.
+    ranges: Vec<String>,
+    /// Bytes rewritten.
+    bytes: u64,
+    /// `(path, offset, old bytes)` of every rewrite.
+    old: Vec<(String, u64, Vec<u8>)>,
+    /// The changed files' mtimes before the change.
+    old_mtimes: Vec<(String, SystemTime)>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -101,6 +130,13 @@ struct SetRun {
     full: Vec<Row>,
     incremental: Vec<Row>,
     changed: String,
+}
+
+/// The 1 GiB resync race (full mode).
+#[derive(Debug)]
+struct RaceRun {
+    mib: u64,
+    result: Result<f64, String>,
 }
 
 /// A tiny deterministic PRNG (xorshift64*): incompressible-enough data, fast.
@@ -145,8 +181,12 @@ pub(crate) fn run(
             DataSet::Big { bytes: 4 << 30 },
         ]
     };
-    // Node 2 keeps three copies of the largest set (ours, rsync -a, rsync --checksum).
-    let image_mib: u64 = if quick { 2048 } else { 14336 };
+    // Node 2 keeps one copy of the largest set (4 GiB in full mode), plus
+    // rsync's temporary copy of the big file while it rebuilds it: 8 GiB, and
+    // ext4's own overhead. Node 1 holds the set. Both images have one size.
+    let image_mib: u64 = if quick { 1024 } else { 9216 };
+    // The race test's two 1 GiB files, in the temporary directory, after the images are gone.
+    let race_mib: u64 = if quick { 0 } else { 1024 };
     let avail_mib = sh("df", &["--output=avail", "-B1M", &path_str(disk_dir)?])
         .ok()
         .and_then(|out| {
@@ -159,7 +199,10 @@ pub(crate) fn run(
         && avail < 2 * image_mib + 512
     {
         bail!(
-            "the reintegration bench needs {} MiB free in {} for its two images; {avail} MiB are",
+            "not enough disk space: the reintegration bench ({} mode) needs {} MiB free in {} \
+             for its two {image_mib} MiB images, and {avail} MiB are; free some space or run \
+             --quick",
+            if quick { "quick" } else { "full" },
             2 * image_mib + 512,
             disk_dir.display()
         );
@@ -184,6 +227,10 @@ pub(crate) fn run(
     }
     drop(rsyncd);
     drop(env);
+    let race = (race_mib > 0 && !interrupted.load(Ordering::SeqCst)).then(|| race(root, race_mib));
+    if let Some(race) = &race {
+        println!("\n{}", race_text(race));
+    }
     let rsync_version = sh("rsync", &["--version"])
         .ok()
         .and_then(|v| v.lines().next().map(str::to_owned))
@@ -214,8 +261,9 @@ pub(crate) fn run(
          resync` on node 1 (6 workers, 64 KiB blocks) to `safekit-rfs receive` on node 2; the \
          incremental run compares only the paths recorded in node 1's dirty log. rsync: client \
          on node 1 to an rsync daemon on node 2 over the same veth pair (no ssh, delta transfer \
-         on). Each incremental method updates its own copy of the same old state on node 2 \
-         (made with `cp -a` before the change). Local copy: `cp -a` / `dd bs=4M conv=fsync` from \
+         on). Each incremental method updates the same old state on node 2 (the copy our full \
+         resync made, put back to the old state between methods: the changed bytes and \
+         mtimes restored). Local copy: `cp -a` / `dd bs=4M conv=fsync` from \
          node 1's file system to node 2's, no network. Wire bytes: our sender's stream bytes, \
          rsync's \"Total bytes sent\". Page caches are warm for every method (the source was \
          just written). Check: `diff -rq` of node 2's copy against node 1 afterwards.\n",
@@ -224,6 +272,9 @@ pub(crate) fn run(
     for run in &runs {
         section.push_str(&set_table(run));
         section.push('\n');
+    }
+    if let Some(race) = &race {
+        let _ = writeln!(section, "### Resync race\n\n{}\n", race_text(race));
     }
     let _ = writeln!(section, "{END}");
     let path = root.join(output);
@@ -279,10 +330,12 @@ fn run_set(
     let slug = set.slug();
     let src = env.data_dir(1).join(slug);
     let ours = env.data_dir(2).join(slug);
-    let copy_a = env.node2.join("rsync-a").join(slug);
-    let copy_c = env.node2.join("rsync-c").join(slug);
+    let ours_rel = ours
+        .strip_prefix(&env.node2)
+        .context("node 2's data directory is beneath its file system")?
+        .to_path_buf();
     let scratch = env.node2.join("scratch").join(slug);
-    for dir in [&src, &ours, &env.node2.join("scratch")] {
+    for dir in [&src, &env.node2.join("scratch")] {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
     println!("bench resync: {}: writing node 1's data", set.describe());
@@ -300,17 +353,11 @@ fn run_set(
         std::fs::write(&secret, "reintegration bench secret").context("cannot write the secret")?;
     }
 
-    // Full copies to an empty node 2.
-    step(&format!("{slug}: our full resync to an empty node 2"));
-    let dirty_log = env.misc.join(format!("dirty-{slug}.log"));
-    let row = ours_resync(env, rfs, &secret, &src, &ours, &dirty_log, true);
-    run.full
-        .push(checked("ours: full resync", row, &src, &ours));
-    check_stop(interrupted)?;
+    // Full copies to an empty node 2: the baselines into a scratch directory
+    // (removed after each), ours last: its copy is the old state below.
     step(&format!("{slug}: rsync -a to an empty node 2"));
     let row = rsync(env, &src, &format!("scratch/{slug}"), &[]);
-    run.full
-        .push(checked("rsync -a (link baseline)", row, &src, &scratch));
+    let rsync_row = checked("rsync -a (link baseline)", row, &src, &scratch);
     remove(&scratch)?;
     sync_all(env);
     check_stop(interrupted)?;
@@ -318,7 +365,7 @@ fn run_set(
         "{slug}: local copy node 1 -> node 2 (disk baseline)"
     ));
     let row = local_copy(set, &src, &scratch);
-    run.full.push(checked(
+    let local_row = checked(
         match set {
             DataSet::Tree { .. } => "local cp -a (disk baseline)",
             DataSet::Big { .. } => "local dd (disk baseline)",
@@ -326,36 +373,41 @@ fn run_set(
         row,
         &src,
         &scratch,
-    ));
+    );
     remove(&scratch)?;
+    sync_all(env);
     check_stop(interrupted)?;
-
-    // The old state, identical, in three copies on node 2.
-    step(&format!(
-        "{slug}: preparing node 2's three copies of the old state"
-    ));
-    remove(&ours)?;
-    for copy in [&ours, &copy_a, &copy_c] {
-        if let Some(parent) = copy.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
-        sh("cp", &["-a", &path_str(&src)?, &path_str(copy)?])?;
+    step(&format!("{slug}: our full resync to an empty node 2"));
+    let dirty_log = env.misc.join(format!("dirty-{slug}.log"));
+    let row = ours_resync(env, rfs, &secret, &src, &ours, &dirty_log, true);
+    run.full
+        .push(checked_ours("ours: full resync", row, &src, &ours));
+    run.full.push(rsync_row);
+    run.full.push(local_row);
+    check_stop(interrupted)?;
+    if run.full[0].check != "identical" {
+        bail!("our full resync did not make an identical copy; no incremental rows");
     }
     sync_all(env);
-    println!("done");
+
     // rsync's quick check compares mtimes to the second: change in a later second.
     std::thread::sleep(Duration::from_millis(1100));
     let changed = change(&src, set, &mut rng)?;
     run.changed = format!(
-        "{} path(s) in the dirty log, {} KiB rewritten",
-        changed.0.len(),
-        changed.1 >> 10
+        "{} path(s) and {} range(s) in the dirty log, {} KiB rewritten",
+        changed.paths.len(),
+        changed.ranges.len(),
+        changed.bytes >> 10
     );
     let _ = std::fs::remove_file(&dirty_log);
     let _ = std::fs::remove_file(cursor_of(&dirty_log));
     let mut add = Command::new(rfs);
-    add.args(["dirty-add", "--dirty-log", &path_str(&dirty_log)?, "--"]);
-    add.args(&changed.0);
+    add.args(["dirty-add", "--dirty-log", &path_str(&dirty_log)?]);
+    for range in &changed.ranges {
+        add.arg(format!("--range={range}"));
+    }
+    add.arg("--");
+    add.args(&changed.paths);
     let out = add.output().context("cannot run safekit-rfs dirty-add")?;
     if !out.status.success() {
         bail!(
@@ -375,27 +427,111 @@ fn run_set(
     step(&format!("{slug}: our incremental resync (dirty log)"));
     let row = ours_resync(env, rfs, &secret, &src, &ours, &dirty_log, false);
     run.incremental
-        .push(checked("ours: incremental resync", row, &src, &ours));
+        .push(checked_ours("ours: incremental resync", row, &src, &ours));
     check_stop(interrupted)?;
-    step(&format!("{slug}: rsync -a --delete"));
-    let row = rsync(env, &src, &format!("rsync-a/{slug}"), &["--delete"]);
-    run.incremental
-        .push(checked("rsync -a --delete", row, &src, &copy_a));
-    check_stop(interrupted)?;
-    step(&format!("{slug}: rsync -a --delete --checksum"));
-    let row = rsync(
-        env,
-        &src,
-        &format!("rsync-c/{slug}"),
-        &["--delete", "--checksum"],
-    );
-    run.incremental
-        .push(checked("rsync -a --delete --checksum", row, &src, &copy_c));
-    for dir in [&src, &ours, &copy_a, &copy_c] {
+    let ours_dest = path_str(&ours_rel)?;
+    for (method, extra) in [
+        ("rsync -a --delete", &["--delete"][..]),
+        ("rsync -a --delete --checksum", &["--delete", "--checksum"][..]),
+    ] {
+        revert(&ours, &changed)?;
+        sync_all(env);
+        step(&format!("{slug}: {method}"));
+        let row = rsync(env, &src, &ours_dest, extra);
+        run.incremental.push(checked(method, row, &src, &ours));
+        check_stop(interrupted)?;
+    }
+    for dir in [&src, &ours] {
         remove(dir)?;
     }
     sync_all(env);
     Ok(run)
+}
+
+/// Puts node 2's `copy` back to the old state: the changed bytes and mtimes.
+fn revert(copy: &Path, changed: &Changed) -> anyhow::Result<()> {
+    for (rel, offset, old) in &changed.old {
+        let path = copy.join(rel);
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        file.write_all_at(old, *offset)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    for (rel, mtime) in &changed.old_mtimes {
+        let path = copy.join(rel);
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .and_then(|file| file.set_times(std::fs::FileTimes::new().set_modified(*mtime)))
+            .with_context(|| format!("cannot set the mtime of {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Runs the race test at `mib` MiB (it asserts identical trees).
+fn race(root: &Path, mib: u64) -> RaceRun {
+    step(&format!(
+        "resync race: {mib} MiB file rewritten and files created/renamed/deleted during a full resync"
+    ));
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let start = Instant::now();
+    let out = Command::new(cargo)
+        .current_dir(root)
+        .args([
+            "test",
+            "--release",
+            "-p",
+            "safekit-linux-helper",
+            "--test",
+            "resync",
+            "--",
+            "--exact",
+            "resync_while_writers_rewrite_create_rename_and_delete_ends_identical",
+        ])
+        .env("SAFEKIT_RESYNC_RACE_MIB", mib.to_string())
+        .output();
+    let seconds = start.elapsed().as_secs_f64();
+    let result = match out {
+        Ok(out) if out.status.success() => Ok(seconds),
+        Ok(out) => {
+            let text = String::from_utf8_lossy(&out.stdout);
+            let failure = text
+                .lines()
+                .chain(String::from_utf8_lossy(&out.stderr).lines())
+                .find(|l| l.contains("panicked") || l.contains("error"))
+                .unwrap_or("failed")
+                .to_owned();
+            Err(failure)
+        }
+        Err(error) => Err(format!("cannot run cargo test: {error}")),
+    };
+    match &result {
+        Ok(seconds) => println!("passed in {seconds:.0} s"),
+        Err(error) => println!("FAILED: {error}"),
+    }
+    RaceRun { mib, result }
+}
+
+fn race_text(race: &RaceRun) -> String {
+    match &race.result {
+        Ok(seconds) => format!(
+            "A full resync of a {} MiB file while a writer rewrites random blocks of it (up to \
+             64 KiB each) and a second writer creates, renames and deletes files (the big one \
+             too): trees identical afterwards (content, type, mode, owner, size; then mtimes \
+             after a settling pass). The library test \
+             `resync_while_writers_rewrite_create_rename_and_delete_ends_identical` at \
+             `SAFEKIT_RESYNC_RACE_MIB={}` (CI runs it at 64 MiB), release build, loopback, \
+             {seconds:.0} s including the build check and writing the file.",
+            race.mib, race.mib
+        ),
+        Err(error) => format!(
+            "The {} MiB resync race FAILED: {}",
+            race.mib,
+            error.replace('|', "/")
+        ),
+    }
 }
 
 fn check_stop(interrupted: &AtomicBool) -> anyhow::Result<()> {
@@ -429,6 +565,24 @@ fn checked(method: &str, result: anyhow::Result<Timed>, src: &Path, copy: &Path)
         method: method.to_owned(),
         result,
         check,
+        detail: None,
+    }
+}
+
+/// [`checked`] for our runs, keeping the engine's counters.
+fn checked_ours(
+    method: &str,
+    result: anyhow::Result<(Timed, String)>,
+    src: &Path,
+    copy: &Path,
+) -> Row {
+    let (result, detail) = match result {
+        Ok((timed, detail)) => (Ok(timed), Some(detail)),
+        Err(error) => (Err(error), None),
+    };
+    Row {
+        detail,
+        ..checked(method, result, src, copy)
     }
 }
 
@@ -496,40 +650,55 @@ fn populate(dir: &Path, set: DataSet, rng: &mut Rng) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Rewrites 1% of the set on node 1; the changed paths (relative) and bytes.
-fn change(dir: &Path, set: DataSet, rng: &mut Rng) -> anyhow::Result<(Vec<String>, u64)> {
+/// Rewrites 1% of the set on node 1, saving what it overwrote.
+fn change(dir: &Path, set: DataSet, rng: &mut Rng) -> anyhow::Result<Changed> {
+    let mut changed = Changed::default();
+    let mtime = |path: &Path| -> anyhow::Result<SystemTime> {
+        Ok(std::fs::metadata(path)
+            .and_then(|m| m.modified())
+            .with_context(|| format!("cannot stat {}", path.display()))?)
+    };
     match set {
         DataSet::Tree { files } => {
             let mut buf = vec![0u8; 4096];
-            let mut paths = Vec::new();
             for i in (0..files).step_by(100) {
                 let rel = format!("d{:03}/f{i:06}", i / 1000);
+                let path = dir.join(&rel);
+                changed.old_mtimes.push((rel.clone(), mtime(&path)?));
+                changed.old.push((rel.clone(), 0, std::fs::read(&path)?));
                 rng.fill(&mut buf);
-                std::fs::write(dir.join(&rel), &buf)?;
-                paths.push(rel);
+                std::fs::write(&path, &buf)?;
+                changed.paths.push(rel);
             }
-            let bytes = paths.len() as u64 * 4096;
-            Ok((paths, bytes))
+            changed.bytes = changed.paths.len() as u64 * 4096;
         }
         DataSet::Big { bytes } => {
             let blocks = bytes / BLOCK;
-            let mut file = std::fs::OpenOptions::new()
+            let path = dir.join("big.bin");
+            changed.old_mtimes.push(("big.bin".to_owned(), mtime(&path)?));
+            let file = std::fs::OpenOptions::new()
+                .read(true)
                 .write(true)
-                .open(dir.join("big.bin"))?;
+                .open(&path)?;
             let mut buf = vec![0u8; usize::try_from(BLOCK)?];
             // Every 100th block, shifted by a random amount within its stride.
-            let mut count = 0u64;
             for stride in (0..blocks).step_by(100) {
                 let block = (stride + rng.next() % 100).min(blocks - 1);
+                let mut old = vec![0u8; usize::try_from(BLOCK)?];
+                file.read_exact_at(&mut old, block * BLOCK)?;
+                changed
+                    .old
+                    .push(("big.bin".to_owned(), block * BLOCK, old));
                 rng.fill(&mut buf);
-                file.seek(SeekFrom::Start(block * BLOCK))?;
-                file.write_all(&buf)?;
-                count += 1;
+                file.write_all_at(&buf, block * BLOCK)?;
+                changed.ranges.push(format!("{}+{BLOCK}", block * BLOCK));
+                changed.bytes += BLOCK;
             }
             file.sync_all()?;
-            Ok((vec!["big.bin".to_owned()], count * BLOCK))
+            changed.paths.push("big.bin".to_owned());
         }
     }
+    Ok(changed)
 }
 
 /// `safekit-rfs receive` on node 2 serving `dst`, `safekit-rfs resync` on node 1 from `src`.
@@ -541,7 +710,7 @@ fn ours_resync(
     dst: &Path,
     dirty_log: &Path,
     full: bool,
-) -> anyhow::Result<Timed> {
+) -> anyhow::Result<(Timed, String)> {
     std::fs::create_dir_all(dst)?;
     let addr = format!("{NODE2_ADDR}:{RFS_PORT}");
     let mut receive = env.in_node(2, rfs);
@@ -590,10 +759,13 @@ fn ours_resync(
             .and_then(|v| v.parse().ok())
     };
     print_stats_line(line, seconds);
-    Ok(Timed {
-        seconds: seconds_synced,
-        wire_bytes: field("stream_bytes"),
-    })
+    Ok((
+        Timed {
+            seconds: seconds_synced,
+            wire_bytes: field("stream_bytes"),
+        },
+        line.to_owned(),
+    ))
 }
 
 fn print_stats_line(line: &str, seconds: f64) {
@@ -695,6 +867,23 @@ fn set_table(run: &SetRun) -> String {
         if !shares.is_empty() {
             let _ = writeln!(out, "\nOur full resync runs at {}.", shares.join(" and "));
         }
+        // The slower of the link and the disks bounds any full copy.
+        let bound = run.full[1..]
+            .iter()
+            .filter_map(|r| r.result.as_ref().ok())
+            .map(|t| t.seconds)
+            .fold(None, |slowest: Option<f64>, s| {
+                Some(slowest.map_or(s, |x| x.max(s)))
+            });
+        if let Some(bound) = bound {
+            let _ = writeln!(
+                out,
+                "Throughput: ours {:.0} MB/s = {:.0}% of min(disk, link) = {:.0} MB/s (target >= 80%).",
+                total as f64 / ours.seconds / 1e6,
+                100.0 * bound / ours.seconds,
+                total as f64 / bound / 1e6
+            );
+        }
     }
     let _ = writeln!(
         out,
@@ -712,6 +901,25 @@ fn set_table(run: &SetRun) -> String {
         .and_then(|r| r.result.as_ref().ok().copied());
     for row in &run.incremental {
         let _ = writeln!(out, "{}", row_line(row, total, ours_inc, false));
+    }
+    if let Some(ours) = ours_inc {
+        let ratios: Vec<String> = run.incremental[1..]
+            .iter()
+            .filter_map(|r| {
+                let t = r.result.as_ref().ok()?;
+                Some(format!("{} {:.1}x", r.method, t.seconds / ours.seconds))
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "\nOurs is faster than {} (target >= 10x).",
+            ratios.join(", ")
+        );
+    }
+    for row in run.full.iter().chain(&run.incremental) {
+        if let Some(detail) = &row.detail {
+            let _ = writeln!(out, "\n{}: `{detail}`", row.method);
+        }
     }
     out
 }

@@ -32,9 +32,9 @@ macro_rules! eout {
     }};
 }
 
-mod client;
+pub(crate) mod client;
 mod keep;
-mod node;
+pub(crate) mod node;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -173,7 +173,7 @@ pub(crate) fn run(root: &Path, args: DemoArgs) -> anyhow::Result<()> {
 }
 
 /// `cargo build` of the binaries the demo runs, into the target directory xtask runs from.
-fn build(bin_dir: &Path) -> anyhow::Result<()> {
+pub(crate) fn build(bin_dir: &Path) -> anyhow::Result<()> {
     let profile = bin_dir
         .file_name()
         .and_then(|name| name.to_str())
