@@ -17,6 +17,10 @@
 //!
 //! A hook that is not present is a success (logged at debug level).
 //!
+//! [`transition_hooks`] says which hooks a change of state runs, in which
+//! order (pure, unit-tested); [`ScriptQueue`] runs a module's scripts one at
+//! a time in the order they were asked for.
+//!
 //! Each script runs in its own process group, so the timeout also kills what
 //! the script started. A script that returns normally may leave processes
 //! behind on purpose (a `start_prim` starting the application in the

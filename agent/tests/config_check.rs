@@ -35,7 +35,11 @@ fn module_folder(userconfig: &str, scripts: &[&str]) -> tempfile::TempDir {
     fs::write(dir.path().join("conf/userconfig.xml"), userconfig).expect("write userconfig.xml");
     fs::write(dir.path().join("conf/cluster.xml"), CLUSTER).expect("write cluster.xml");
     for script in scripts {
-        fs::write(dir.path().join("bin").join(script), "#!/bin/sh\n").expect("write script");
+        let path = dir.path().join("bin").join(script);
+        fs::write(&path, "#!/bin/sh\n").expect("write script");
+        // Programs must be executable (a custom checker's that is not is refused).
+        let executable = std::os::unix::fs::PermissionsExt::from_mode(0o755);
+        fs::set_permissions(&path, executable).expect("chmod +x");
     }
     dir
 }

@@ -158,10 +158,9 @@ pub fn records_of(op: &Op) -> Vec<DirtyRecord> {
         Op::SetAttr { path, .. } | Op::SetXattr { path, .. } | Op::RemoveXattr { path, .. } => {
             vec![record(path, Change::Attrs)]
         }
-        Op::Link { existing, new, .. } => vec![
-            record(existing, Change::Attrs),
-            record(new, Change::Whole),
-        ],
+        Op::Link { existing, new, .. } => {
+            vec![record(existing, Change::Attrs), record(new, Change::Whole)]
+        }
         other => other
             .paths()
             .into_iter()
@@ -601,11 +600,7 @@ mod tests {
         assert!(!loaded.torn_tail);
         assert_eq!(
             loaded.files,
-            vec![
-                whole("a"),
-                whole("b/c"),
-                ranged_at("big", 0, RANGE_GRANULE)
-            ]
+            vec![whole("a"), whole("b/c"), ranged_at("big", 0, RANGE_GRANULE)]
         );
         let log = DirtyLog::open(&path).expect("reopen");
         assert!(log.contains(0, &RelPath::parse(b"a").expect("valid")));
@@ -731,13 +726,7 @@ mod tests {
         };
         assert_eq!(
             records_of(&write),
-            vec![record(
-                "f",
-                Change::Range(ByteRange {
-                    offset: 10,
-                    len: 5
-                })
-            )]
+            vec![record("f", Change::Range(ByteRange { offset: 10, len: 5 }))]
         );
     }
 

@@ -614,7 +614,10 @@ fn resync_while_writers_rewrite_create_rename_and_delete_ends_identical() {
     let mut rng = Rng(23);
     let big_mib: usize = std::env::var(RACE_MIB_VAR)
         .ok()
-        .map(|v| v.parse().expect("SAFEKIT_RESYNC_RACE_MIB is a number of MiB"))
+        .map(|v| {
+            v.parse()
+                .expect("SAFEKIT_RESYNC_RACE_MIB is a number of MiB")
+        })
         .unwrap_or(64);
     let big_size = big_mib * 1024 * 1024;
     eprintln!("race over a {big_mib} MiB file");

@@ -121,10 +121,14 @@ fn stopstart_on_prim_fails_over_then_the_node_comes_back_second() {
         output.stderr
     );
     assert!(output.stdout.contains("stopstart"), "{}", output.stdout);
-    // The peer takes over, then this node starts again and joins it.
-    node2.wait_state(ALONE);
+    // The peer takes over (ALONE, perhaps briefly), then this node starts again and joins it.
     node1.wait_state(SECOND);
     node2.wait_state(PRIM);
+    let peer_log = node2.log();
+    assert!(
+        peer_log.contains("SECOND (up to date) -> ALONE"),
+        "node2 took over: {peer_log}"
+    );
     // What the operator reads: state and readiness, the copy in sync, the last transition.
     node1.wait_for("SECOND Ready", || {
         node1

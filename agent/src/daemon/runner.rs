@@ -13,9 +13,15 @@
 //!   `start_prim` runs). If it cannot be written the agent exits: the peer
 //!   then sees a clean loss of heartbeats instead of a node acting on state it
 //!   could not record.
-//! - `RunScript` spawns the script (SafeKit arguments, environment and
-//!   timeouts, from [`crate::scripts`]); its outcome comes back as an event,
-//!   so the runner keeps answering heartbeats and commands meanwhile.
+//! - `RunScript` queues the script (SafeKit arguments, environment and
+//!   timeouts, from [`crate::scripts`]) on the module's [`ScriptQueue`],
+//!   which runs scripts one at a time; its outcome comes back as an event,
+//!   so the runner keeps answering heartbeats and commands meanwhile. A
+//!   forced `stop_prim` bypasses the queue so it can interrupt a hung one.
+//! - `StateChanged` also queues the other SafeKit hooks present in `bin/`
+//!   ([`scripts::transition_hooks`]: `transition`, `start_/stop_both`,
+//!   `_sec`, `_second`, `poststop`), ahead of the same batch's `start_prim`;
+//!   `prestart` runs (awaited) before a start verb reaches the machine.
 //! - `TakeVip`/`ReleaseVip` use netlink ([`crate::vip`]) on the interface
 //!   named in the config or else the one whose subnet holds the address, and
 //!   gratuitous ARP ([`crate::arp`]) when `arpreroute="on"`: a burst at once,
@@ -25,10 +31,15 @@
 //!   `tracing` (one `info` event with `from`, `to`, `reason` per change).
 //! - Checker observations ([`crate::checkers`]) become verdicts after their
 //!   stability delay; a verdict change goes to the machine, a down verdict of
-//!   an active checker fires its rule (`restart`, `stopstart`, `stop`, or
-//!   `stop` by `maxloop`: [`safekit_core::cluster::rules`]) as a command whose
-//!   caller is the rule. Before a tick that may declare the peer lost, the
-//!   split-brain witness is probed afresh.
+//!   an active checker fires its rule (`restart`, `stopstart`, `stop`,
+//!   `swap`, or `stop` by `maxloop`: [`safekit_core::cluster::rules`]) as a
+//!   command whose caller is the rule, or `wait` as
+//!   `Event::WaitForResource`; the `<failover>` rules are evaluated on every
+//!   verdict change. `safekit set`/`get` reach the checkers through
+//!   [`RunnerEvent::SetResource`]/[`RunnerEvent::GetResource`]; custom
+//!   checkers' programs are started and stopped after every event
+//!   ([`crate::checkers::custom`]). Before a tick that may declare the peer
+//!   lost, the split-brain witness is probed afresh.
 //!
 //! After every event the runner publishes the module's status (for
 //! `safekit state`) and the heartbeat payload (for the sender thread).

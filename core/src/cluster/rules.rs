@@ -9,10 +9,21 @@
 //!   `handle_time`), so one lost probe does not restart an application.
 //! - [`LoopCounter`] and [`decide`]: a down verdict fires the checker's action,
 //!   as a [`Command`] with the rule's name as caller (the machine logs
-//!   `Action restart called by <rule>`). `restart`, `stopstart` (and `wait`)
-//!   count toward `maxloop`; once more than `maxloop` of them happened within
+//!   `Action restart called by <rule>`), or for `wait` as the resource to
+//!   wait for ([`super::Event::WaitForResource`]: the machine stops the module
+//!   and holds it in WAIT until the resource is up, then SafeKit's implicit
+//!   wakeup starts it again). `restart`, `stopstart` and `wait` count toward
+//!   `maxloop`; once more than `maxloop` of them happened within
 //!   `loop_interval`, the module is stopped instead (`Action stop called by
 //!   maxloop`) and the peer takes over. Operator commands reset the counter.
+//! - [`parse_rules`]: the `<failover>` rules (`label: if (expr) then
+//!   action();`, with `== != ! && ||`, `[local.|remote.]class.id`, `*`/`?`
+//!   in ids). The agent evaluates them on every verdict change and fires a
+//!   rule when its condition starts to hold; `remote.` resources are
+//!   `unknown` (the peer's resources are not exchanged), assignments
+//!   (`rfs.uptodate=up`) and Lua blocks are reported and ignored, and
+//!   `handle_time` is not applied on top of the checkers' own stability
+//!   delays.
 //!
 //! The agent feeds the returned command to [`super::Machine::handle`] and logs
 //! [`Decision::log`] in the module log, which says which rule fired and why.

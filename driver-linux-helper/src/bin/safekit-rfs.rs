@@ -284,7 +284,11 @@ fn main() -> anyhow::Result<()> {
                     Ok(Some(ByteRange { offset, len }))
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
-            let ranges = if ranges.is_empty() { vec![None] } else { ranges };
+            let ranges = if ranges.is_empty() {
+                vec![None]
+            } else {
+                ranges
+            };
             let mut files = Vec::new();
             for path in &paths {
                 let rel = RelPath::parse(path.as_os_str().as_bytes())

@@ -545,9 +545,7 @@ impl Scope {
                 a.extend(b);
                 Scope::Ranges(merge_runs(a))
             }
-            (Scope::Ranges(a), Scope::Attrs) | (Scope::Attrs, Scope::Ranges(a)) => {
-                Scope::Ranges(a)
-            }
+            (Scope::Ranges(a), Scope::Attrs) | (Scope::Attrs, Scope::Ranges(a)) => Scope::Ranges(a),
             (Scope::Attrs, Scope::Attrs) => Scope::Attrs,
         }
     }

@@ -525,7 +525,9 @@ impl Replicator for Sender {
         let role = shared.lock().role;
         match role {
             Role::Off => return ReplicateOutcome::Off,
-            Role::Alone => return shared.record_alone(&alone_records(&shared.config.dirty_log, &op)),
+            Role::Alone => {
+                return shared.record_alone(&alone_records(&shared.config.dirty_log, &op));
+            }
             Role::Replicating => {}
         }
         let touched = records_of(&op);

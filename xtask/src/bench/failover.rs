@@ -196,16 +196,16 @@ pub(crate) fn run(
     }
     let (cells, elapsed) = result?;
     let machine = env::Machine::probe(root, &safekitd);
-    let keepalived = env::sh("keepalived", &["--version"])
+    // keepalived prints its version on stderr.
+    let keepalived = std::process::Command::new("keepalived")
+        .arg("--version")
+        .output()
         .ok()
-        .or_else(|| {
-            std::process::Command::new("keepalived")
-                .arg("--version")
-                .output()
-                .ok()
-                .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+        .and_then(|o| {
+            let text = String::from_utf8_lossy(&o.stderr).into_owned()
+                + &String::from_utf8_lossy(&o.stdout);
+            text.lines().next().map(str::to_owned)
         })
-        .and_then(|v| v.lines().next().map(str::to_owned))
         .unwrap_or_else(|| "keepalived (version unknown)".to_owned());
     let runs = if quick { 1 } else { RUNS };
     let table = table(&cells);
@@ -242,8 +242,10 @@ pub(crate) fn run(
          its data directory replicated with `<rfs>`, the application started by `start_prim`), \
          pulse = timeout / 5; node1 `prim`, node2 `second`, fault once the client has had 1 s \
          of answers. keepalived: VRRP between the two nodes, `advert_int {ADVERT_INT_S}`, node1 \
-         MASTER priority 150, node2 BACKUP priority {BACKUP_PRIORITY} (takeover after \
-         3 x advert_int + skew = {:.2} s without adverts); the demo application runs on both \
+         MASTER priority 150, node2 BACKUP priority {BACKUP_PRIORITY} (node2 takes over \
+         3 x advert_int + skew = {:.2} s after the last advert it received, so between that \
+         minus advert_int and that after the fault, depending on the fault's phase; ours \
+         likewise: timeout after the last heartbeat, within one pulse); the demo application runs on both \
          nodes all the time. Faults: kill -9 of every process of node1 then its link down (the \
          harness's crash, a power cut), or node1's link down alone. Takeover: fault to node2 \
          ALONE (`safekit state`) or to keepalived's \"Entering MASTER STATE\", polled every \
@@ -251,10 +253,12 @@ pub(crate) fn run(
         3.0 * f64::from(ADVERT_INT_S)
             + f64::from(256 - BACKUP_PRIORITY) / 256.0 * f64::from(ADVERT_INT_S),
         if runs == 1 {
-            "One run per cell (quick mode): the figures are single runs.".to_owned()
+            "One run per cell (quick mode): the figures are single runs; [ratios] are ours / \
+             keepalived's."
+                .to_owned()
         } else {
             format!(
-                "Median of {runs} runs per cell, (min–max) after it; ratios are ours / keepalived's medians."
+                "Median of {runs} runs per cell, (min–max) after it; [ratios] are ours / keepalived's medians."
             )
         }
     );
@@ -376,16 +380,16 @@ fn probe_fault(
     let probe = Writer::start_probe(cluster.client(), vip, PORT, PROBE_PERIOD, ProbeMode::Read)?;
     probe
         .wait_acks("node1", ANSWERS_BEFORE)
-        .with_context(&diagnostics)?;
+        .map_err(|error| explained(error, &diagnostics))?;
     let since = unix_now();
     let faulted = Instant::now();
     fault.inject(cluster)?;
     wait_for("node2 to take over", Duration::from_secs(30), took_over)
-        .with_context(&diagnostics)?;
+        .map_err(|error| explained(error, &diagnostics))?;
     let takeover = faulted.elapsed();
     probe
         .wait_acks("node2", ANSWERS_AFTER)
-        .with_context(&diagnostics)?;
+        .map_err(|error| explained(error, &diagnostics))?;
     probe.stop()?;
     let gap = interruption(&probe.attempts(), since, "node1", "node2")
         .context("the client never moved from node1 to node2")?;
@@ -393,6 +397,11 @@ fn probe_fault(
         interruption_ms: gap,
         takeover_ms: takeover.as_secs_f64() * 1000.0,
     })
+}
+
+/// `error` followed by the nodes' diagnostics (the reason stays on the first line).
+fn explained(error: anyhow::Error, diagnostics: impl Fn() -> String) -> anyhow::Error {
+    anyhow::anyhow!("{error:#}\n{}", diagnostics())
 }
 
 /// Our pair: the demo module with heartbeat timeout `timeout_ms`.
@@ -424,7 +433,7 @@ fn ours(bed: &Bed, cluster: &Cluster, timeout_ms: u32, fault: Fault) -> anyhow::
     wait_for("node2 to see node1 ALONE", Duration::from_secs(30), || {
         node2.detail("peer") == "node1 ALONE"
     })
-    .with_context(|| node2.diagnostics())?;
+    .map_err(|error| explained(error, || node2.diagnostics()))?;
     node2.safekit_ok(&format!("second -m {MODULE}"))?;
     node2.wait_state(SECOND)?;
     node1.wait_state(PRIM)?;
@@ -494,7 +503,7 @@ fn keepalived(bed: &Bed, cluster: &Cluster, fault: Fault) -> anyhow::Result<Meas
         Duration::from_secs(30),
         || daemons[1].output().contains("Entering BACKUP STATE"),
     )
-    .with_context(outputs)?;
+    .map_err(|error| explained(error, outputs))?;
     probe_fault(
         cluster,
         fault,
@@ -657,4 +666,58 @@ fn verdicts(cells: &Cells) -> String {
         TIMEOUTS_MS[0],
         parts.join("; ")
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn runs(values: &[f64]) -> Vec<Result<Measured, String>> {
+        values
+            .iter()
+            .map(|&ms| {
+                Ok(Measured {
+                    interruption_ms: ms,
+                    takeover_ms: ms - 100.0,
+                })
+            })
+            .collect()
+    }
+
+    fn cells(ours_1000: &[f64]) -> Cells {
+        let mut cells = Cells::new();
+        for fault in Fault::ALL {
+            cells.insert((System::Ours(1000), fault), runs(ours_1000));
+            cells.insert((System::Ours(3000), fault), runs(&[3100.0]));
+            cells.insert((System::Keepalived, fault), runs(&[3000.0]));
+        }
+        cells
+    }
+
+    #[test]
+    fn the_target_is_judged_on_the_median_at_timeout_1000_ms() {
+        let met = verdicts(&cells(&[1100.0, 1200.0, 2900.0]));
+        assert!(met.contains("power cut): met (1.20 s)"), "{met}");
+        let missed = verdicts(&cells(&[1100.0, 1600.0, 1700.0]));
+        assert!(missed.contains("power cut): MISSED (1.60 s)"), "{missed}");
+    }
+
+    #[test]
+    fn each_cell_shows_median_range_and_ratio_to_keepalived() {
+        let mut cells = cells(&[900.0, 1500.0, 1200.0]);
+        cells
+            .get_mut(&(System::Ours(1000), Fault::LinkDown))
+            .expect("cell")
+            .push(Err("node2 never took over".to_owned()));
+        let table = table(&cells);
+        assert!(
+            table.contains("| 1.20 s (0.90 s–1.50 s) [0.40x]; takeover 1.10 s |"),
+            "{table}"
+        );
+        assert!(table.contains("1 of 4 runs FAILED"), "{table}");
+        assert!(
+            table.contains("node1 link down: node2 never took over"),
+            "{table}"
+        );
+    }
 }

@@ -432,7 +432,10 @@ fn run_set(
     let ours_dest = path_str(&ours_rel)?;
     for (method, extra) in [
         ("rsync -a --delete", &["--delete"][..]),
-        ("rsync -a --delete --checksum", &["--delete", "--checksum"][..]),
+        (
+            "rsync -a --delete --checksum",
+            &["--delete", "--checksum"][..],
+        ),
     ] {
         revert(&ours, &changed)?;
         sync_all(env);
@@ -654,9 +657,9 @@ fn populate(dir: &Path, set: DataSet, rng: &mut Rng) -> anyhow::Result<()> {
 fn change(dir: &Path, set: DataSet, rng: &mut Rng) -> anyhow::Result<Changed> {
     let mut changed = Changed::default();
     let mtime = |path: &Path| -> anyhow::Result<SystemTime> {
-        Ok(std::fs::metadata(path)
+        std::fs::metadata(path)
             .and_then(|m| m.modified())
-            .with_context(|| format!("cannot stat {}", path.display()))?)
+            .with_context(|| format!("cannot stat {}", path.display()))
     };
     match set {
         DataSet::Tree { files } => {
@@ -675,7 +678,9 @@ fn change(dir: &Path, set: DataSet, rng: &mut Rng) -> anyhow::Result<Changed> {
         DataSet::Big { bytes } => {
             let blocks = bytes / BLOCK;
             let path = dir.join("big.bin");
-            changed.old_mtimes.push(("big.bin".to_owned(), mtime(&path)?));
+            changed
+                .old_mtimes
+                .push(("big.bin".to_owned(), mtime(&path)?));
             let file = std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -686,9 +691,7 @@ fn change(dir: &Path, set: DataSet, rng: &mut Rng) -> anyhow::Result<Changed> {
                 let block = (stride + rng.next() % 100).min(blocks - 1);
                 let mut old = vec![0u8; usize::try_from(BLOCK)?];
                 file.read_exact_at(&mut old, block * BLOCK)?;
-                changed
-                    .old
-                    .push(("big.bin".to_owned(), block * BLOCK, old));
+                changed.old.push(("big.bin".to_owned(), block * BLOCK, old));
                 rng.fill(&mut buf);
                 file.write_all_at(&buf, block * BLOCK)?;
                 changed.ranges.push(format!("{}+{BLOCK}", block * BLOCK));

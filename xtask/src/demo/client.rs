@@ -41,14 +41,9 @@ def attempt(n, start):
     try:
         if mode == "write":
             body = ("record %d" % n).encode()
-            request = b"POST /records HTTP/1.0
-Content-Length: %d
-
-" % len(body) + body
+            request = b"POST /records HTTP/1.0\r\nContent-Length: %d\r\n\r\n" % len(body) + body
         else:
-            request = b"GET /whoami HTTP/1.0
-
-"
+            request = b"GET /whoami HTTP/1.0\r\n\r\n"
         s = socket.create_connection((vip, port), timeout=0.3)
         s.settimeout(1.0)
         s.sendall(request)
@@ -59,23 +54,18 @@ Content-Length: %d
                 break
             data += chunk
         s.close()
-        head, _, answer = data.partition(b"
-
-")
+        head, _, answer = data.partition(b"\r\n\r\n")
         answer = answer.decode().split()
         if mode == "write":
             ok = len(answer) == 2 and answer[0] == "ok"
         else:
             ok = len(answer) == 1
         if head.split()[1] == b"200" and ok:
-            line = "%.3f ack %d %s
-" % (start, n, answer[-1])
+            line = "%.3f ack %d %s\n" % (start, n, answer[-1])
         else:
-            line = "%.3f fail %d
-" % (start, n)
+            line = "%.3f fail %d\n" % (start, n)
     except Exception:
-        line = "%.3f fail %d
-" % (start, n)
+        line = "%.3f fail %d\n" % (start, n)
     with lock:
         out.write(line)
 
