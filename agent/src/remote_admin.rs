@@ -33,7 +33,6 @@ use safekit_protocol::admin_remote::{self, MAX_SIGNED_REPLY_LEN, RemoteAdminErro
 use safekit_protocol::auth::Nonce;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::oneshot;
 
 use crate::admin_socket::PeerCredentials;
 use crate::daemon::runner::{Registry, RunnerEvent};
@@ -300,20 +299,12 @@ pub async fn execute(registry: &Registry, client: IpAddr, request: AdminRequest)
                 )
                 .await;
             };
-            let (reply, answer) = oneshot::channel();
-            let event = RunnerEvent::Control {
+            crate::daemon::admin::ask_runner(handle, |reply| RunnerEvent::Control {
                 verb,
                 caller: format!("admin@{client}"),
                 reply,
-            };
-            if handle.events.send(event).is_err() {
-                return AdminResponse::Refused {
-                    reason: format!("module {module}: its runner has stopped"),
-                };
-            }
-            answer.await.unwrap_or_else(|_| AdminResponse::Refused {
-                reason: format!("module {module}: no answer from its runner"),
             })
+            .await
         }
         request @ (AdminRequest::State { .. }
         | AdminRequest::Log { .. }

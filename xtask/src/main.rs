@@ -51,7 +51,7 @@ enum Task {
     Pjdfstest,
     /// Check the project's conventions (module docs, SAFETY comments, crate boundaries).
     Tidy,
-    /// Benchmark the data path (plain, mount, replicated in each mode) into BENCHMARKS.md; needs root and fio.
+    /// Benchmark the data path (plain, mount, replicated), reintegration vs rsync and failover vs keepalived into BENCHMARKS.md; needs root, fio, rsync, keepalived.
     Bench(bench::BenchArgs),
     /// Walk through a failover on two nodes and a client in namespaces (root, python3): the README's demo.
     Demo(demo::DemoArgs),

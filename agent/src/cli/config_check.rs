@@ -296,21 +296,7 @@ fn summarize_module(
         );
     }
     let vips: Vec<&str> = service
-        .vip
-        .iter()
-        .flat_map(|vip| vip.interface_list.iter())
-        .flat_map(|interface| {
-            interface
-                .real_interface
-                .iter()
-                .flat_map(|real| real.virtual_addr.iter())
-                .chain(
-                    interface
-                        .virtual_interface
-                        .iter()
-                        .flat_map(|virt| virt.virtual_addr.iter()),
-                )
-        })
+        .virtual_addrs()
         .map(|addr| addr.addr.as_str())
         .collect();
     let _ = writeln!(

@@ -65,21 +65,12 @@ pub async fn handle(
                 return unknown(registry, &module);
             };
             let caller = caller_name(&peer, &caller);
-            let (reply, answer) = oneshot::channel();
-            if handle
-                .events
-                .send(RunnerEvent::Control {
-                    verb,
-                    caller,
-                    reply,
-                })
-                .is_err()
-            {
-                return refused(format!("module {module}: its runner has stopped"));
-            }
-            answer
-                .await
-                .unwrap_or_else(|_| refused(format!("module {module}: no answer from its runner")))
+            ask_runner(handle, |reply| RunnerEvent::Control {
+                verb,
+                caller,
+                reply,
+            })
+            .await
         }
         AdminRequest::Log {
             module,
@@ -145,35 +136,19 @@ pub async fn handle(
             let Some(handle) = registry.modules.get(&module) else {
                 return unknown(registry, &module);
             };
-            let (reply, answer) = oneshot::channel();
-            let event = RunnerEvent::SetResource {
+            ask_runner(handle, |reply| RunnerEvent::SetResource {
                 resource,
                 up,
                 identity,
                 reply,
-            };
-            if handle.events.send(event).is_err() {
-                return refused(format!("module {module}: its runner has stopped"));
-            }
-            answer
-                .await
-                .unwrap_or_else(|_| refused(format!("module {module}: no answer from its runner")))
+            })
+            .await
         }
         AdminRequest::GetResource { module, resource } => {
             let Some(handle) = registry.modules.get(&module) else {
                 return unknown(registry, &module);
             };
-            let (reply, answer) = oneshot::channel();
-            if handle
-                .events
-                .send(RunnerEvent::GetResource { resource, reply })
-                .is_err()
-            {
-                return refused(format!("module {module}: its runner has stopped"));
-            }
-            answer
-                .await
-                .unwrap_or_else(|_| refused(format!("module {module}: no answer from its runner")))
+            ask_runner(handle, |reply| RunnerEvent::GetResource { resource, reply }).await
         }
         AdminRequest::Level => AdminResponse::Ok {
             message: crate::cli::level::build_facts()
@@ -382,18 +357,27 @@ async fn reload_runner(
         &context.paths.module_var(&module),
         datapath_tx,
     );
-    let (reply, answer) = oneshot::channel();
-    let event = RunnerEvent::Reload {
+    ask_runner(handle, |reply| RunnerEvent::Reload {
         setup: Box::new(setup),
         script_env,
         datapath,
         caller,
         reply,
-    };
-    if handle.events.send(event).is_err() {
-        return refused(format!("module {module}: its runner has stopped"));
+    })
+    .await
+}
+
+/// Sends `handle`'s runner the event `make` builds around a reply channel and
+/// waits for its answer; a runner that has stopped is said in one line.
+pub async fn ask_runner(
+    handle: &super::runner::ModuleHandle,
+    make: impl FnOnce(oneshot::Sender<AdminResponse>) -> RunnerEvent,
+) -> AdminResponse {
+    let (reply, answer) = oneshot::channel();
+    if handle.events.send(make(reply)).is_err() {
+        return refused(format!("module {}: its runner has stopped", handle.name));
     }
     answer
         .await
-        .unwrap_or_else(|_| refused(format!("module {module}: no answer from its runner")))
+        .unwrap_or_else(|_| refused(format!("module {}: no answer from its runner", handle.name)))
 }

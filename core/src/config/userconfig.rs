@@ -141,6 +141,19 @@ pub struct Heart {
     pub heartbeat: Vec<Heartbeat>,
 }
 
+impl Service {
+    /// The `<interface>` elements of `<vip>`.
+    pub fn vip_interfaces(&self) -> impl Iterator<Item = &Interface> {
+        self.vip.iter().flat_map(|vip| vip.interface_list.iter())
+    }
+
+    /// Every `<virtual_addr>` of the module: those of `<real_interface>` and
+    /// of `<virtual_interface>`, in document order per interface.
+    pub fn virtual_addrs(&self) -> impl Iterator<Item = &VirtualAddr> {
+        self.vip_interfaces().flat_map(Interface::virtual_addrs)
+    }
+}
+
 impl Default for Heart {
     fn default() -> Self {
         Heart {
@@ -302,6 +315,25 @@ pub struct Interface {
     pub name: Option<String>,
     pub real_interface: Option<RealInterface>,
     pub virtual_interface: Option<VirtualInterface>,
+}
+
+impl Interface {
+    /// The addresses of `<real_interface>`: the aliases a mirror sets on its
+    /// primary's real interface.
+    pub fn real_virtual_addrs(&self) -> impl Iterator<Item = &VirtualAddr> {
+        self.real_interface
+            .iter()
+            .flat_map(|real| real.virtual_addr.iter())
+    }
+
+    /// The addresses of `<real_interface>` then of `<virtual_interface>`.
+    pub fn virtual_addrs(&self) -> impl Iterator<Item = &VirtualAddr> {
+        self.real_virtual_addrs().chain(
+            self.virtual_interface
+                .iter()
+                .flat_map(|virt| virt.virtual_addr.iter()),
+        )
+    }
 }
 
 impl Default for Interface {

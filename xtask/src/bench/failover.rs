@@ -23,6 +23,11 @@
 //!   application running on both nodes all the time (keepalived moves an
 //!   address, it does not start services).
 //!
+//! The fault comes after 1 s of answers from node1 and a random pause of 0 to
+//! 1 s: runs take about the same time to set up, so without it every fault
+//! would hit the same point of keepalived's 1 s advert cycle (its takeover
+//! after the fault ranges over 2.61..3.61 s with that point).
+//!
 //! Every run builds a fresh cluster, so runs are independent; they are
 //! interleaved (run 1 of every cell, then run 2, ...) so that drift from
 //! other users of the machine spreads over every cell. Median, min and max
@@ -238,18 +243,20 @@ pub(crate) fn run(
          cluster for every run). The client probes the virtual IP every 10 ms (`GET /whoami` \
          to the demo application, a new attempt every 10 ms whether or not the previous ones \
          answered; 0.3 s connect and 1 s answer timeouts); the interruption runs from the last \
-         answer of node1 to the first answer of node2. Ours: the demo module (`modules/demo`, \
-         its data directory replicated with `<rfs>`, the application started by `start_prim`), \
-         pulse = timeout / 5; node1 `prim`, node2 `second`, fault once the client has had 1 s \
-         of answers. keepalived: VRRP between the two nodes, `advert_int {ADVERT_INT_S}`, node1 \
-         MASTER priority 150, node2 BACKUP priority {BACKUP_PRIORITY} (node2 takes over \
-         3 x advert_int + skew = {:.2} s after the last advert it received, so between that \
-         minus advert_int and that after the fault, depending on the fault's phase; ours \
-         likewise: timeout after the last heartbeat, within one pulse); the demo application runs on both \
-         nodes all the time. Faults: kill -9 of every process of node1 then its link down (the \
-         harness's crash, a power cut), or node1's link down alone. Takeover: fault to node2 \
-         ALONE (`safekit state`) or to keepalived's \"Entering MASTER STATE\", polled every \
-         50 ms. {}\n",
+         answer of node1 to the first answer of node2. The fault comes once the client has had \
+         1 s of answers from node1, after a random pause of 0 to 1 s (so that faults hit every \
+         point of the heartbeat and advert cycles): kill -9 of every process of node1 then its \
+         link down (the harness's crash, a power cut), or node1's link down alone.\n\n\
+         Ours: the demo module (`modules/demo`: its data directory replicated with `<rfs>`, the \
+         application started by `start_prim`), node1 `prim`, node2 `second`; pulse = timeout \
+         / 5, so node2 takes over between timeout - pulse and timeout after the fault. \
+         keepalived: VRRP between the two nodes, `advert_int {ADVERT_INT_S}`, node1 MASTER \
+         priority 150, node2 BACKUP priority {BACKUP_PRIORITY}: node2 takes over 3 x advert_int \
+         + skew = {:.2} s after the last advert it received, so between that minus advert_int \
+         and that after the fault; the demo application runs on both nodes all the time \
+         (keepalived moves an address, it starts nothing). Takeover: fault to node2 ALONE \
+         (`safekit state`) or to keepalived's \"Entering MASTER STATE\", polled every 50 ms. \
+         {}\n",
         3.0 * f64::from(ADVERT_INT_S)
             + f64::from(256 - BACKUP_PRIORITY) / 256.0 * f64::from(ADVERT_INT_S),
         if runs == 1 {
@@ -361,6 +368,15 @@ fn one_run(bed: &Bed, system: System, fault: Fault) -> anyhow::Result<Measured> 
     result
 }
 
+/// A pause of 0 to 1 s (one advert interval, more than any pulse), from the clock's nanoseconds.
+fn random_phase() -> Duration {
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|elapsed| elapsed.subsec_nanos())
+        .unwrap_or_default();
+    Duration::from_millis(u64::from(nanos / 1_000_000))
+}
+
 fn unix_now() -> f64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -381,6 +397,11 @@ fn probe_fault(
     probe
         .wait_acks("node1", ANSWERS_BEFORE)
         .map_err(|error| explained(error, &diagnostics))?;
+    // Each run's setup takes about as long as the last, so without this the
+    // fault would hit at nearly the same point of the adverts' (or pulses')
+    // cycle every time: keepalived's takeover after the fault is 3.61 s minus
+    // the time since its last advert, anywhere in 2.61..3.61 s.
+    std::thread::sleep(random_phase());
     let since = unix_now();
     let faulted = Instant::now();
     fault.inject(cluster)?;
