@@ -20,6 +20,17 @@
 //! | 7      | body_len | body     | `postcard` encoding of [`Heartbeat`], using all its bytes    |
 //! | 7+len  | 32       | tag      | `HMAC-SHA256(secret, "safekit-heartbeat" ‖ bytes 0..7+len)`  |
 //!
+//! The body is the `postcard` encoding of [`Heartbeat`], optionally followed
+//! by extension records ([`Extensions`]): each is a kind byte, a little-endian
+//! `u16` length and that many bytes. Kind 1 carries the sender's checker
+//! resources ([`RemoteResource`], at most [`MAX_RESOURCES`] names of at most
+//! [`MAX_RESOURCE_NAME`] bytes), for the rules' `remote.` resources; unknown
+//! kinds are skipped, so later releases can append records that this one
+//! ignores. Compatibility: decoders older than the extension records refuse
+//! any byte after the [`Heartbeat`] (`Malformed: trailing bytes`), so a node
+//! must not send records to a peer that may run such a release; [`encode`]
+//! sends none and is byte for byte what those releases send.
+//!
 //! The tag covers the header, so the version and length cannot be altered.
 //! The body names the module, the sender and the LAN it was sent on, so a
 //! packet captured on one LAN or for one module is refused on another.
@@ -57,6 +68,15 @@ pub const MAX_PACKET_LEN: usize = 1400;
 
 /// Most generations a heartbeat may carry (the history is bounded the same way in the core).
 pub const MAX_GENERATIONS: usize = 32;
+
+/// Most resources one heartbeat carries ([`Extensions::resources`]).
+pub const MAX_RESOURCES: usize = 64;
+
+/// Longest resource name carried (`class.ident`), in bytes.
+pub const MAX_RESOURCE_NAME: usize = 96;
+
+/// Extension record kind: the sender's checker resources.
+const EXT_RESOURCES: u8 = 1;
 
 /// Length of the authentication tag.
 pub const TAG_LEN: usize = 32;
@@ -191,6 +211,35 @@ pub enum ModuleState {
     Second,
 }
 
+/// A checker resource's value, as the peer's rules read it (`remote.class.id`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ResourceState {
+    /// No verdict yet.
+    Init,
+    /// The checker says it works.
+    Up,
+    /// The checker says it failed.
+    Down,
+}
+
+/// One checker resource of the sender.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteResource {
+    /// `class.ident` (`custom.app`, `intf.10.0.0.0`), at most [`MAX_RESOURCE_NAME`] bytes.
+    pub name: String,
+    /// Its value.
+    pub state: ResourceState,
+}
+
+/// What may follow the [`Heartbeat`] in the authenticated body (see the
+/// module's wire format).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Extensions {
+    /// The sender's checker resources; `None`: the sender did not send them
+    /// (the peer's `remote.` resources stay unknown).
+    pub resources: Option<Vec<RemoteResource>>,
+}
+
 /// Sub-state carried with [`ModuleState`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Detail {
@@ -279,6 +328,16 @@ pub enum HeartbeatError {
     /// The packet is too large to send.
     #[error("heartbeat of {0} bytes exceeds the {MAX_PACKET_LEN}-byte limit")]
     TooLarge(usize),
+    /// More resources than a heartbeat carries, or a name too long.
+    #[error(
+        "heartbeat resources out of bounds: {count} resources (at most {MAX_RESOURCES}), longest name {longest} bytes (at most {MAX_RESOURCE_NAME})"
+    )]
+    ResourcesOutOfBounds {
+        /// How many.
+        count: usize,
+        /// The longest name's length.
+        longest: usize,
+    },
 }
 
 fn new_mac(secret: &[u8]) -> Result<Hmac<Sha256>, HeartbeatError> {
@@ -297,13 +356,52 @@ fn new_mac(secret: &[u8]) -> Result<Hmac<Sha256>, HeartbeatError> {
 /// [`HeartbeatError::TooManyGenerations`] or [`HeartbeatError::TooLarge`] when
 /// the packet would not be accepted by a receiver.
 pub fn encode(secret: &[u8], heartbeat: &Heartbeat) -> Result<Vec<u8>, HeartbeatError> {
+    encode_with_extensions(secret, heartbeat, &Extensions::default())
+}
+
+fn check_resources(resources: &[RemoteResource]) -> Result<(), HeartbeatError> {
+    let longest = resources
+        .iter()
+        .map(|resource| resource.name.len())
+        .max()
+        .unwrap_or(0);
+    if resources.len() > MAX_RESOURCES || longest > MAX_RESOURCE_NAME {
+        return Err(HeartbeatError::ResourcesOutOfBounds {
+            count: resources.len(),
+            longest,
+        });
+    }
+    Ok(())
+}
+
+/// Encodes and authenticates a heartbeat followed by its extension records
+/// (none for `Extensions::default()`: the same bytes as [`encode`]). Only
+/// for a peer known to decode them (see the module's compatibility note).
+///
+/// # Errors
+/// As [`encode`], and [`HeartbeatError::ResourcesOutOfBounds`].
+pub fn encode_with_extensions(
+    secret: &[u8],
+    heartbeat: &Heartbeat,
+    extensions: &Extensions,
+) -> Result<Vec<u8>, HeartbeatError> {
     if heartbeat.status.generations.len() > MAX_GENERATIONS {
         return Err(HeartbeatError::TooManyGenerations(
             heartbeat.status.generations.len(),
         ));
     }
-    let body = postcard::to_allocvec(heartbeat)
+    let mut body = postcard::to_allocvec(heartbeat)
         .map_err(|error| HeartbeatError::Malformed(error.to_string()))?;
+    if let Some(resources) = &extensions.resources {
+        check_resources(resources)?;
+        let record = postcard::to_allocvec(resources)
+            .map_err(|error| HeartbeatError::Malformed(error.to_string()))?;
+        let length = u16::try_from(record.len())
+            .map_err(|_| HeartbeatError::TooLarge(HEADER_LEN + body.len() + record.len()))?;
+        body.push(EXT_RESOURCES);
+        body.extend_from_slice(&length.to_le_bytes());
+        body.extend_from_slice(&record);
+    }
     let total = HEADER_LEN + body.len() + TAG_LEN;
     if total > MAX_PACKET_LEN {
         return Err(HeartbeatError::TooLarge(total));
@@ -328,6 +426,19 @@ pub fn encode(secret: &[u8], heartbeat: &Heartbeat) -> Result<Vec<u8>, Heartbeat
 /// # Errors
 /// One [`HeartbeatError`] per reason for refusal; never panics.
 pub fn decode(secret: &[u8], packet: &[u8]) -> Result<Heartbeat, HeartbeatError> {
+    decode_with_extensions(secret, packet).map(|(heartbeat, _)| heartbeat)
+}
+
+/// As [`decode`], with the extension records that follow the heartbeat
+/// (unknown kinds skipped).
+///
+/// # Errors
+/// As [`decode`]; a record whose length overruns the body, or resources out
+/// of bounds, is [`HeartbeatError::Malformed`].
+pub fn decode_with_extensions(
+    secret: &[u8],
+    packet: &[u8],
+) -> Result<(Heartbeat, Extensions), HeartbeatError> {
     if packet.len() < HEADER_LEN + TAG_LEN || packet.len() > MAX_PACKET_LEN {
         return Err(HeartbeatError::BadSize(packet.len()));
     }
@@ -347,18 +458,47 @@ pub fn decode(secret: &[u8], packet: &[u8]) -> Result<Heartbeat, HeartbeatError>
     mac.verify_slice(tag).map_err(|_| HeartbeatError::BadTag)?;
     let (heartbeat, rest) = postcard::take_from_bytes::<Heartbeat>(&signed[HEADER_LEN..])
         .map_err(|error| HeartbeatError::Malformed(error.to_string()))?;
-    if !rest.is_empty() {
-        return Err(HeartbeatError::Malformed(format!(
-            "{} trailing bytes",
-            rest.len()
-        )));
-    }
+    let extensions = decode_extensions(rest)?;
     if heartbeat.status.generations.len() > MAX_GENERATIONS {
         return Err(HeartbeatError::TooManyGenerations(
             heartbeat.status.generations.len(),
         ));
     }
-    Ok(heartbeat)
+    Ok((heartbeat, extensions))
+}
+
+/// The extension records after the heartbeat body.
+fn decode_extensions(mut rest: &[u8]) -> Result<Extensions, HeartbeatError> {
+    let mut extensions = Extensions::default();
+    while let Some((&kind, after_kind)) = rest.split_first() {
+        let (Some(length), Some(after_length)) = (after_kind.get(..2), after_kind.get(2..)) else {
+            return Err(HeartbeatError::Malformed(
+                "truncated extension record header".into(),
+            ));
+        };
+        let length = usize::from(u16::from_le_bytes([length[0], length[1]]));
+        let (Some(record), Some(next)) = (after_length.get(..length), after_length.get(length..))
+        else {
+            return Err(HeartbeatError::Malformed(format!(
+                "extension record of {length} bytes overruns the body"
+            )));
+        };
+        if kind == EXT_RESOURCES {
+            let (resources, trailing) = postcard::take_from_bytes::<Vec<RemoteResource>>(record)
+                .map_err(|error| HeartbeatError::Malformed(error.to_string()))?;
+            if !trailing.is_empty() {
+                return Err(HeartbeatError::Malformed(format!(
+                    "{} trailing bytes in the resources record",
+                    trailing.len()
+                )));
+            }
+            check_resources(&resources)
+                .map_err(|error| HeartbeatError::Malformed(error.to_string()))?;
+            extensions.resources = Some(resources);
+        }
+        rest = next;
+    }
+    Ok(extensions)
 }
 
 /// Why the replay guard refused an authenticated heartbeat.
@@ -575,6 +715,110 @@ mod tests {
         let mut previous_boot = first;
         previous_boot.seq = u64::MAX;
         assert!(guard.check(&previous_boot).is_err());
+    }
+
+    fn resources(count: usize) -> Vec<RemoteResource> {
+        (0..count)
+            .map(|index| RemoteResource {
+                name: format!("custom.r{index}"),
+                state: [ResourceState::Init, ResourceState::Up, ResourceState::Down][index % 3],
+            })
+            .collect()
+    }
+
+    #[test]
+    fn without_extensions_the_packet_is_what_older_releases_send_and_decode() {
+        let plain = encode(SECRET, &sample()).expect("encodes");
+        let none =
+            encode_with_extensions(SECRET, &sample(), &Extensions::default()).expect("encodes");
+        assert_eq!(plain, none, "no record appended");
+        let (decoded, extensions) = decode_with_extensions(SECRET, &plain).expect("decodes");
+        assert_eq!(decoded, sample());
+        assert_eq!(
+            extensions.resources, None,
+            "the peer's resources stay unknown"
+        );
+    }
+
+    #[test]
+    fn resources_travel_after_the_heartbeat_and_unknown_records_are_skipped() {
+        let extensions = Extensions {
+            resources: Some(resources(3)),
+        };
+        let packet = encode_with_extensions(SECRET, &sample(), &extensions).expect("encodes");
+        let (decoded, received) = decode_with_extensions(SECRET, &packet).expect("decodes");
+        assert_eq!(decoded, sample());
+        assert_eq!(received, extensions);
+        assert_eq!(decode(SECRET, &packet).expect("decodes"), sample());
+
+        // A later release's record of an unknown kind is skipped.
+        let mut body = postcard::to_allocvec(&sample()).expect("body");
+        body.extend_from_slice(&[200, 3, 0, 1, 2, 3]);
+        let packet = sign(&body);
+        let (decoded, received) = decode_with_extensions(SECRET, &packet).expect("decodes");
+        assert_eq!((decoded, received.resources), (sample(), None));
+
+        // A record overrunning the body is refused.
+        let mut body = postcard::to_allocvec(&sample()).expect("body");
+        body.extend_from_slice(&[200, 9, 0, 1]);
+        assert!(matches!(
+            decode(SECRET, &sign(&body)),
+            Err(HeartbeatError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn resources_are_bounded_both_ways() {
+        let too_many = Extensions {
+            resources: Some(resources(MAX_RESOURCES + 1)),
+        };
+        assert!(matches!(
+            encode_with_extensions(SECRET, &sample(), &too_many),
+            Err(HeartbeatError::ResourcesOutOfBounds { count, .. }) if count == MAX_RESOURCES + 1
+        ));
+        let long_name = Extensions {
+            resources: Some(vec![RemoteResource {
+                name: "x".repeat(MAX_RESOURCE_NAME + 1),
+                state: ResourceState::Up,
+            }]),
+        };
+        assert!(encode_with_extensions(SECRET, &sample(), &long_name).is_err());
+        // Forged by a sender that knows the secret: refused on decode too.
+        let mut body = postcard::to_allocvec(&sample()).expect("body");
+        let record = postcard::to_allocvec(&resources(MAX_RESOURCES + 1)).expect("record");
+        body.push(EXT_RESOURCES);
+        body.extend_from_slice(&(record.len() as u16).to_le_bytes());
+        body.extend_from_slice(&record);
+        assert!(matches!(
+            decode(SECRET, &sign(&body)),
+            Err(HeartbeatError::Malformed(_))
+        ));
+        // The most a heartbeat may carry fits one datagram.
+        let full = Extensions {
+            resources: Some(
+                (0..MAX_RESOURCES)
+                    .map(|index| RemoteResource {
+                        name: format!("{index:0>width$}", width = 8),
+                        state: ResourceState::Down,
+                    })
+                    .collect(),
+            ),
+        };
+        let packet = encode_with_extensions(SECRET, &sample(), &full).expect("fits");
+        assert!(packet.len() <= MAX_PACKET_LEN);
+    }
+
+    /// A packet with `body`, authenticated with [`SECRET`].
+    fn sign(body: &[u8]) -> Vec<u8> {
+        let mut packet = Vec::new();
+        packet.extend_from_slice(&MAGIC);
+        packet.push(HEARTBEAT_VERSION);
+        packet.extend_from_slice(&(body.len() as u16).to_le_bytes());
+        packet.extend_from_slice(body);
+        let mut mac = new_mac(SECRET).expect("secret is not empty");
+        mac.update(&packet);
+        packet.extend_from_slice(&mac.finalize().into_bytes());
+        packet
     }
 
     proptest! {

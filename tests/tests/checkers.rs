@@ -432,8 +432,9 @@ fn an_explicit_wait_rule_on_a_custom_resource_holds_the_node_until_it_is_up() {
     }
     let cluster = two_nodes(1);
     // The checker's own action is SafeKit's default, noaction: only the rule acts.
+    // The rule acts once its condition held for handle_time (2 s here; SafeKit's default is 15 s).
     let config = r#"<check><custom ident="app" exec="check_app"/></check>
-<failover><![CDATA[
+<failover period="1s" handle_time="2s"><![CDATA[
 app_down: if (custom.app == down) then wait();
 ]]></failover>"#;
     let ([node1, node2], _agents) = module("", config)
@@ -449,7 +450,7 @@ app_down: if (custom.app == down) then wait();
     assert!(
         log.contains(
             "Rule app_down fired: resource custom.app down (set to down by app): action wait"
-        ),
+        ) && log.contains("(the condition held for handle_time 2 s)"),
         "{log}"
     );
     assert!(log.contains("Action wait called by app_down"), "{log}");
@@ -509,4 +510,131 @@ fn a_virtual_ip_removed_by_hand_makes_the_primary_fail_over() {
         .run(format!("ip -o addr show | grep -w {vip}"))
         .expect("ip addr");
     assert!(on_node2.success(), "the virtual IP moved to node2");
+}
+
+#[test]
+fn interface_check_on_holds_the_node_in_wait_while_the_vip_link_is_down() {
+    if !require_root() {
+        return;
+    }
+    // LAN 0 carries the virtual IP, LAN 1 a second heartbeat.
+    let cluster = two_nodes(2);
+    let vip = cluster.spare_addr(0, 0);
+    let config = format!(
+        r#"<vip><interface_list><interface check="on"><real_interface>
+  <virtual_addr addr="{vip}" where="one_side_alias"/>
+</real_interface></interface></interface_list></vip>"#
+    );
+    let ([node1, node2], _agents) = module("", &config).start_pair(&cluster);
+    // SafeKit's name: intf.<network of the virtual IP>.
+    let (network, _) = cluster.subnet(0);
+    let checker = format!("intf.{network}");
+    wait_checker_up(
+        &node1,
+        "the generated interface checker to see the link",
+        &checker,
+    );
+    wait_checker_up(
+        &node2,
+        "node2's interface checker to see the link",
+        &checker,
+    );
+
+    cluster
+        .link_down(cluster.node(1), 0)
+        .expect("node1's eth0 down");
+    node2.wait_state(ALONE);
+    node1.wait_state(WAIT);
+    let log = node1.log();
+    assert!(
+        log.contains(&format!(
+            "Rule interface_failure fired: resource {checker} down (eth0 has no carrier)"
+        )),
+        "{log}"
+    );
+    assert!(
+        log.contains("Action wait called by interface_failure"),
+        "{log}"
+    );
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert_eq!(node1.state(), WAIT, "held in WAIT while the link is down");
+    assert_eq!(node2.state(), ALONE, "node2 runs the application");
+    let on_node2 = node2
+        .node()
+        .run(format!("ip -o addr show | grep -w {vip}"))
+        .expect("ip addr");
+    assert!(on_node2.success(), "the virtual IP moved to node2");
+
+    cluster
+        .link_up(cluster.node(1), 0)
+        .expect("node1's eth0 up");
+    node1.wait_state(SECOND);
+    node2.wait_state(PRIM);
+    assert!(
+        node1.log().contains(&format!(
+            "Action wakeup called by Implicit_wakeup: {checker} up again"
+        )),
+        "{}",
+        node1.log()
+    );
+    assert!(app_running(&node2), "node2 still runs the application");
+}
+
+/// A custom checker program that reports `custom.app` up only once the flag
+/// file `$SAFEUSERVAR/report` exists; until then the resource stays `init`.
+const LATE_CHECKER: &str = r#"#!/bin/sh
+while true; do
+    if [ -e "$SAFEUSERVAR/report" ]; then
+        "$SAFE/safekit" set -r custom.app -v up -i app || echo "set failed"
+    fi
+    sleep 0.2
+done
+"#;
+
+#[test]
+fn a_start_waits_while_a_resource_of_a_wait_rule_is_init() {
+    if !require_root() {
+        return;
+    }
+    let cluster = two_nodes(1);
+    let config = r#"<check><custom ident="app" exec="check_app" when="pre"/></check>
+<failover><![CDATA[
+app_down: if (custom.app == down) then wait();
+]]></failover>"#;
+    // prim and second are explicit operator choices: they go on at once.
+    let ([node1, node2], _agents) = module("", config)
+        .script("check_app", LATE_CHECKER)
+        .start_pair(&cluster);
+    let get = |node: &AgentNode<'_>| {
+        node.safekit_ok(&format!("get -m {MODULE} -r custom.app"))
+            .trim()
+            .to_string()
+    };
+    assert_eq!(get(&node2), "init");
+
+    // A plain start: node2 stays in WAIT while custom.app is init.
+    node2.safekit_ok(&format!("stop -m {MODULE}"));
+    node2.wait_state(STOP);
+    node2.safekit_ok(&format!("start -m {MODULE}"));
+    node2.wait_state(WAIT);
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert_eq!(node2.state(), WAIT, "held while custom.app is init");
+    let verbose = node2.verbose();
+    assert!(
+        verbose.contains("waiting for the first verdict of custom.app (init)")
+            && verbose.contains("Transient"),
+        "state -v says what it waits for: {verbose}"
+    );
+    assert_eq!(node1.state(), ALONE, "node1 runs the application meanwhile");
+
+    // The program reports: the start goes on, node2 joins as SECOND.
+    std::fs::write(node2.module_var_dir().join("report"), "").expect("flag");
+    node2.wait_state(SECOND);
+    node1.wait_state(PRIM);
+    assert_eq!(get(&node2), "up");
+    let log = node2.log();
+    assert!(
+        log.contains("waiting for the first verdict of custom.app (used by a wait rule)"),
+        "{log}"
+    );
 }

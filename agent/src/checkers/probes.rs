@@ -65,6 +65,15 @@ pub async fn poll(probe: &Probe, timeout: Duration) -> (bool, String) {
                 Err(error) => (false, format!("probe failed: {error}")),
             }
         }
+        Probe::Link { ifname, addr } => {
+            let (ifname, addr) = (ifname.clone(), *addr);
+            match tokio::task::spawn_blocking(move || link_of(ifname.as_deref(), addr)).await {
+                Ok(Ok((ifname, true))) => (true, format!("{ifname} has carrier")),
+                Ok(Ok((ifname, false))) => (false, format!("{ifname} has no carrier")),
+                Ok(Err(reason)) => (false, reason),
+                Err(error) => (false, format!("probe failed: {error}")),
+            }
+        }
         Probe::LocalAddress { addr } => {
             let addr = *addr;
             match tokio::task::spawn_blocking(move || link_up(addr)).await {
@@ -170,6 +179,55 @@ fn link_up(local_addr: IpAddr) -> Result<(String, bool), String> {
     Err(format!("no interface holds {local_addr}"))
 }
 
+/// The interface named `ifname`, or (no name) the one holding an address of
+/// `addr`'s subnet (chosen as the virtual IP chooses it:
+/// [`crate::vip::choose_interface`]), and whether it is up with carrier.
+fn link_of(ifname: Option<&str>, addr: IpAddr) -> Result<(String, bool), String> {
+    use nix::net::if_::InterfaceFlags;
+    let entries: Vec<_> = nix::ifaddrs::getifaddrs()
+        .map_err(|error| format!("cannot list interfaces: {error}"))?
+        .collect();
+    let ifname = match ifname {
+        Some(ifname) => ifname.to_string(),
+        None => {
+            let ip = |storage: &nix::sys::socket::SockaddrStorage| {
+                storage
+                    .as_sockaddr_in()
+                    .map(|v4| IpAddr::V4(v4.ip()))
+                    .or_else(|| storage.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
+            };
+            let addresses: Vec<crate::vip::InterfaceAddress> = entries
+                .iter()
+                .filter_map(|entry| {
+                    let address = ip(entry.address.as_ref()?)?;
+                    let prefix_len = match ip(entry.netmask.as_ref()?)? {
+                        IpAddr::V4(mask) => u32::from(mask).leading_ones(),
+                        IpAddr::V6(mask) => u128::from(mask).leading_ones(),
+                    };
+                    Some(crate::vip::InterfaceAddress {
+                        ifname: entry.interface_name.clone(),
+                        // Not used to choose.
+                        index: 0,
+                        addr: address,
+                        prefix_len: u8::try_from(prefix_len).unwrap_or(u8::MAX),
+                    })
+                })
+                .collect();
+            crate::vip::choose_interface(&addresses, addr)
+                .map_err(|error| error.to_string())?
+                .ifname
+        }
+    };
+    // Every interface has an entry (its link-layer one) even without an address.
+    let entry = entries
+        .iter()
+        .find(|entry| entry.interface_name == ifname)
+        .ok_or_else(|| format!("no interface named {ifname}"))?;
+    let up = entry.flags.contains(InterfaceFlags::IFF_UP)
+        && entry.flags.contains(InterfaceFlags::IFF_LOWER_UP);
+    Ok((ifname, up))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,5 +325,36 @@ mod tests {
         )
         .await;
         assert!(up, "{detail}");
+    }
+
+    #[tokio::test]
+    async fn a_link_is_found_by_name_or_by_the_subnet_of_a_virtual_ip() {
+        let by_subnet = Probe::Link {
+            ifname: None,
+            addr: IpAddr::from([127, 0, 0, 200]),
+        };
+        let (up, detail) = poll(&by_subnet, Duration::from_secs(1)).await;
+        assert!(up, "{detail}");
+        assert_eq!(detail, "lo has carrier");
+        let by_name = Probe::Link {
+            ifname: Some("lo".into()),
+            addr: IpAddr::from([198, 51, 100, 77]),
+        };
+        let (up, detail) = poll(&by_name, Duration::from_secs(1)).await;
+        assert!(up, "{detail}");
+        let nowhere = Probe::Link {
+            ifname: None,
+            addr: IpAddr::from([198, 51, 100, 77]),
+        };
+        let (up, detail) = poll(&nowhere, Duration::from_secs(1)).await;
+        assert!(!up, "{detail}");
+        assert!(detail.contains("198.51.100.77"), "{detail}");
+        let unknown = Probe::Link {
+            ifname: Some("nosuchif0".into()),
+            addr: IpAddr::from([127, 0, 0, 200]),
+        };
+        let (up, detail) = poll(&unknown, Duration::from_secs(1)).await;
+        assert!(!up, "{detail}");
+        assert_eq!(detail, "no interface named nosuchif0");
     }
 }

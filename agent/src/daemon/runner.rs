@@ -35,7 +35,10 @@
 //!   `swap`, or `stop` by `maxloop`: [`safekit_core::cluster::rules`]) as a
 //!   command whose caller is the rule, or `wait` as
 //!   `Event::WaitForResource`; the `<failover>` rules are evaluated on every
-//!   verdict change. `safekit set`/`get` reach the checkers through
+//!   verdict change and act once they held for `handle_time` (a timer wakes
+//!   the loop then). After every event the machine learns which resources of
+//!   wait rules are still `init` (`Event::WaitResourcesInit`: a started
+//!   module stays in WAIT meanwhile). `safekit set`/`get` reach the checkers through
 //!   [`RunnerEvent::SetResource`]/[`RunnerEvent::GetResource`]; custom
 //!   checkers' programs are started and stopped after every event
 //!   ([`crate::checkers::custom`]). Before a tick that may declare the peer
@@ -145,14 +148,10 @@ struct VipSpec {
 fn vip_specs(config: &safekit_core::config::UserConfig) -> Vec<VipSpec> {
     config
         .service
-        .vip
-        .iter()
-        .flat_map(|vip| vip.interface_list.iter())
+        .vip_interfaces()
         .flat_map(|interface| {
             interface
-                .real_interface
-                .iter()
-                .flat_map(|real| real.virtual_addr.iter())
+                .real_virtual_addrs()
                 .filter_map(move |virtual_addr| {
                     let text = virtual_addr.addr.trim_start_matches('[').trim_end_matches(']');
                     match text.parse::<IpAddr>() {
@@ -241,7 +240,8 @@ impl Runner {
             setup.config.service.maxloop,
             setup.config.service.loop_interval,
         )
-        .with_rules(crate::checkers::failover_rules(&setup.config));
+        .with_rules(crate::checkers::failover_rules(&setup.config))
+        .with_failover_timing(&setup.config);
         let user = setup.config.service.user.clone();
         let applog = AppLog {
             path: parts.script_env.uservar.join("userlog.ulog"),
@@ -303,6 +303,7 @@ impl Runner {
             self.modlog.log(modlog::Level::Event, problem);
         }
         self.spawn_checkers();
+        self.sync_wait_resources_init().await;
         self.modlog.log(
             modlog::Level::Event,
             format!(
@@ -318,10 +319,15 @@ impl Runner {
         );
         self.publish();
         loop {
-            let deadline = self
-                .machine
-                .next_deadline()
-                .map(|at| tokio::time::Instant::from_std(self.origin + at));
+            // The machine's timers, and when a `<failover>` rule's handle_time ends.
+            let deadline = [
+                self.machine.next_deadline(),
+                self.checkers.next_rule_deadline(self.now()),
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .map(|at| tokio::time::Instant::from_std(self.origin + at));
             let deadline = match (&self.deferred_second, deadline) {
                 (Some(deferred), Some(at)) => Some(at.min(deferred.until)),
                 (Some(deferred), None) => Some(deferred.until),
@@ -435,6 +441,8 @@ impl Runner {
             self.start_if_stopstart().await;
             self.resolve_deferred_second().await;
             self.sync_custom_programs();
+            self.run_due_rules().await;
+            self.sync_wait_resources_init().await;
             self.datapath
                 .set_peer_in_sync(self.machine.state() == State::Prim);
             self.publish();
@@ -569,7 +577,8 @@ impl Runner {
             setup.config.service.maxloop,
             setup.config.service.loop_interval,
         )
-        .with_rules(crate::checkers::failover_rules(&setup.config));
+        .with_rules(crate::checkers::failover_rules(&setup.config))
+        .with_failover_timing(&setup.config);
         self.checker_specs = checker_specs;
         for problem in checker_problems {
             self.modlog.log(modlog::Level::Event, problem);
@@ -784,6 +793,9 @@ impl Runner {
                     tracing::info!(from = %from, to = %to, reason = %reason, "state changed");
                     self.modlog
                         .log(modlog::Level::Event, format!("{from} -> {to}: {reason}"));
+                    if from == State::Alone && to == State::Prim {
+                        self.reannounce_vips();
+                    }
                 }
                 Action::RefuseCommand { command, reason } => {
                     tracing::info!(command = command.name(), %reason, "command refused");
@@ -872,7 +884,36 @@ impl Runner {
             self.machine.waiting_for(),
         );
         self.checkers
-            .forget_inactive(self.machine.state(), self.machine.waiting_for());
+            .forget_inactive(self.now(), self.machine.state(), self.machine.waiting_for());
+    }
+
+    /// Runs the `<failover>` rule whose `handle_time` elapsed, if any.
+    async fn run_due_rules(&mut self) {
+        let decision = self.checkers.due_rule(
+            self.now(),
+            self.machine.state(),
+            self.machine.is_transient(),
+            self.machine.waiting_for(),
+        );
+        if let Some(decision) = decision {
+            let outcome = crate::checkers::Outcome {
+                decision: Some(decision),
+                ..crate::checkers::Outcome::default()
+            };
+            self.on_checker_outcome(outcome).await;
+        }
+    }
+
+    /// Tells the machine which resources of wait rules are still `init`
+    /// (a started module stays in WAIT while there is one).
+    async fn sync_wait_resources_init(&mut self) {
+        let init = self.checkers.wait_resources_init();
+        if &init != self.machine.resources_init() {
+            let actions = self
+                .machine
+                .handle(self.now(), Event::WaitResourcesInit(init));
+            self.execute(actions, None).await;
+        }
     }
 
     /// A verdict change goes to the machine; a fired rule runs its command (or its wait).
@@ -1213,6 +1254,30 @@ impl Runner {
         }
     }
 
+    /// A gratuitous ARP burst for the virtual IPs this node holds. When the
+    /// peer joins as SECOND after a split brain, it has just released the
+    /// same address, and clients still send to its MAC address until told.
+    fn reannounce_vips(&mut self) {
+        for (ifname, addr) in self.vip_held.clone() {
+            let announce = self
+                .vips
+                .iter()
+                .any(|vip| vip.addr == addr && vip.arpreroute);
+            let IpAddr::V4(v4) = addr else {
+                continue;
+            };
+            if announce {
+                self.arp_tasks.push(tokio::spawn(async move {
+                    if let Err(error) =
+                        crate::arp::announce(&ifname, v4, 3, Duration::from_millis(100)).await
+                    {
+                        tracing::warn!(%error, "gratuitous ARP failed");
+                    }
+                }));
+            }
+        }
+    }
+
     async fn release_vip(&mut self) {
         for task in self.arp_tasks.drain(..) {
             task.abort();
@@ -1270,7 +1335,9 @@ impl Runner {
 
     fn render(&self) -> ModuleStatus {
         let state = self.machine.state();
-        let readiness = if self.machine.is_transient() {
+        // SafeKit shows WAIT (Transient) while resources of wait rules are init.
+        let waiting_init = state == State::Wait(safekit_core::cluster::WaitReason::ResourceInit);
+        let readiness = if self.machine.is_transient() || waiting_init {
             "Transient"
         } else if matches!(state, State::Stop | State::Wait(_)) {
             "NotReady"
@@ -1353,6 +1420,21 @@ impl Runner {
                 None => "none since the agent started (see safekit log)".into(),
             },
         ));
+        if waiting_init {
+            let resources: Vec<&str> = self
+                .machine
+                .resources_init()
+                .iter()
+                .map(String::as_str)
+                .collect();
+            details.push((
+                "wait rules".into(),
+                format!(
+                    "waiting for the first verdict of {} (init)",
+                    resources.join(", ")
+                ),
+            ));
+        }
         details.extend(self.checkers.details(self.now()));
         details.extend(self.datapath.stats().details);
         ModuleStatus {

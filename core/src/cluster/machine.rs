@@ -116,6 +116,9 @@ pub enum WaitReason {
     Inconsistent,
     /// A `wait()` rule fired: held until its resources are up again (then the implicit wakeup).
     ResourceDown,
+    /// Started, but a resource used by a `wait()` rule has no verdict yet
+    /// (`init`): held until every such resource is known ([`Machine::resources_init`]).
+    ResourceInit,
 }
 
 /// The two phases of SECOND.
@@ -175,6 +178,9 @@ impl State {
                     WaitReason::NoUpToDateNode => Detail::NoUpToDateNode,
                     WaitReason::Inconsistent => Detail::Inconsistent,
                     WaitReason::ResourceDown => Detail::ResourceDown,
+                    // The wire has no value for it (older peers could not decode one):
+                    // for the peer, the node is held by a wait rule either way.
+                    WaitReason::ResourceInit => Detail::ResourceDown,
                 },
             ),
         }
@@ -207,6 +213,7 @@ impl WaitReason {
             WaitReason::NoUpToDateNode => "no node is known to be up to date",
             WaitReason::Inconsistent => "inconsistent cluster state",
             WaitReason::ResourceDown => "a resource of a wait rule is down",
+            WaitReason::ResourceInit => "a resource of a wait rule is not known yet",
         }
     }
 }
@@ -323,6 +330,10 @@ pub enum Event {
         /// The rule, shown as `Action wait called by <caller>`.
         caller: String,
     },
+    /// The resources used by `wait()` rules that have no verdict yet (`init`):
+    /// a started node stays in WAIT while any is (SafeKit's "WAIT
+    /// (Transient)" at start). Sent whenever the set changes; empty: none.
+    WaitResourcesInit(BTreeSet<String>),
 }
 
 /// A script of the module's `bin/`.
@@ -513,6 +524,8 @@ pub struct Machine {
     checkers: BTreeMap<String, bool>,
     /// The resources a `wait()` rule holds the module in WAIT for.
     waiting_for: BTreeSet<String>,
+    /// The resources of `wait()` rules still `init` ([`Event::WaitResourcesInit`]).
+    resources_init: BTreeSet<String>,
     /// SECOND resynchronizing: the attempt it asks its primary to serve.
     resync_attempt: u64,
     attempt_counter: u64,
@@ -560,6 +573,7 @@ impl Machine {
             last_transition: None,
             checkers: BTreeMap::new(),
             waiting_for: BTreeSet::new(),
+            resources_init: BTreeSet::new(),
             resync_attempt: 0,
             attempt_counter: 0,
             serve: None,
@@ -624,6 +638,12 @@ impl Machine {
     /// The resources a `wait()` rule holds the module in WAIT for (empty otherwise).
     pub fn waiting_for(&self) -> &BTreeSet<String> {
         &self.waiting_for
+    }
+
+    /// The resources of `wait()` rules that have no verdict yet: a started
+    /// node does not go on from WAIT while this is not empty.
+    pub fn resources_init(&self) -> &BTreeSet<String> {
+        &self.resources_init
     }
 
     /// When to deliver the next [`Event::Tick`], if anything is time-driven.
@@ -754,6 +774,9 @@ impl Machine {
             }
             Event::WaitForResource { resource, caller } => {
                 self.on_wait_for_resource(resource, &caller, &mut out);
+            }
+            Event::WaitResourcesInit(resources) => {
+                self.resources_init = resources;
             }
         }
         self.evaluate(&mut out);
@@ -1451,6 +1474,17 @@ impl Machine {
                 return;
             }
             _ => {}
+        }
+        if !self.resources_init.is_empty() {
+            // SafeKit: while a resource used by a wait rule is still init, the
+            // module stays in WAIT (Transient) instead of going on.
+            let resources: Vec<&str> = self.resources_init.iter().map(String::as_str).collect();
+            let why = format!(
+                "waiting for the first verdict of {} (used by a wait rule)",
+                resources.join(", ")
+            );
+            self.set_wait(WaitReason::ResourceInit, &why, out);
+            return;
         }
         self.witness_resume = None;
         match present {

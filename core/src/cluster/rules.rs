@@ -5,8 +5,10 @@
 //! without I/O, decides:
 //!
 //! - [`Stability`]: a checker's raw observations become a verdict only after
-//!   they have stayed the same for a stability delay (SafeKit's
-//!   `handle_time`), so one lost probe does not restart an application.
+//!   they have stayed the same for a stability delay (the checker's
+//!   `interval`; for the built-in checker rules it plays the role of
+//!   SafeKit's `handle_time`), so one lost probe does not restart an
+//!   application.
 //! - [`LoopCounter`] and [`decide`]: a down verdict fires the checker's action,
 //!   as a [`Command`] with the rule's name as caller (the machine logs
 //!   `Action restart called by <rule>`), or for `wait` as the resource to
@@ -18,17 +20,17 @@
 //!   maxloop`) and the peer takes over. Operator commands reset the counter.
 //! - [`parse_rules`]: the `<failover>` rules (`label: if (expr) then
 //!   action();`, with `== != ! && ||`, `[local.|remote.]class.id`, `*`/`?`
-//!   in ids). The agent evaluates them on every verdict change and fires a
-//!   rule when its condition starts to hold; `remote.` resources are
-//!   `unknown` (the peer's resources are not exchanged), assignments
-//!   (`rfs.uptodate=up`) and Lua blocks are reported and ignored, and
-//!   `handle_time` is not applied on top of the checkers' own stability
-//!   delays.
+//!   in ids). The agent evaluates them on every verdict change; a rule fires
+//!   once its condition has held for `handle_time` ([`HandleTime`], on top
+//!   of the checkers' own stability delays, as in SafeKit), once per
+//!   episode. `remote.` resources are read from the peer's values when the
+//!   caller has them ([`Condition::holds_with`]), else they are `unknown`;
+//!   assignments (`rfs.uptodate=up`) and Lua blocks are reported and ignored.
 //!
 //! The agent feeds the returned command to [`super::Machine::handle`] and logs
 //! [`Decision::log`] in the module log, which says which rule fired and why.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
 use super::machine::Command;
@@ -251,6 +253,130 @@ pub fn decide(
     }
 }
 
+/// SafeKit's `<failover period handle_time>` for the explicit rules: a rule
+/// whose condition holds runs its action only once the condition has held
+/// for `handle_time`, at the engine's next evaluation (every `period`, on a
+/// grid starting at `origin`); a condition that stops holding before then
+/// runs nothing. Each rule fires once per episode: it must stop holding
+/// before it can fire again.
+///
+/// The delay counts from the moment the resources' *verdicts* make the
+/// condition hold, so it comes on top of each checker's own stability delay,
+/// as in SafeKit, where a checker first sets its resource and the engine
+/// then waits `handle_time` before acting. The agent's built-in checker
+/// rules (`interface_failure`, `t_<ident>`, ...) do not go through this:
+/// their stability delay (the checker's `interval`) plays that role, so a
+/// module without `<failover>` reacts as before.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandleTime {
+    period: Duration,
+    handle_time: Duration,
+    origin: Duration,
+    /// Rules whose condition holds: since when, and whether they fired.
+    holding: BTreeMap<String, Holding>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Holding {
+    since: Duration,
+    fired: bool,
+}
+
+impl HandleTime {
+    /// Rules evaluated every `period` from `origin`; an action runs once its
+    /// condition held for `handle_time` (zero: at once).
+    pub fn new(period: Duration, handle_time: Duration, origin: Duration) -> Self {
+        HandleTime {
+            period,
+            handle_time,
+            origin,
+            holding: BTreeMap::new(),
+        }
+    }
+
+    /// No delay: a rule fires as soon as its condition holds.
+    pub fn immediate() -> Self {
+        HandleTime::new(Duration::ZERO, Duration::ZERO, Duration::ZERO)
+    }
+
+    /// The configured `handle_time`.
+    pub fn handle_time(&self) -> Duration {
+        self.handle_time
+    }
+
+    /// The labels whose condition holds at `now` (the others are forgotten:
+    /// their delay starts again the next time they hold).
+    pub fn update<'a>(&mut self, now: Duration, holding: impl IntoIterator<Item = &'a str>) {
+        let mut next = BTreeMap::new();
+        for label in holding {
+            let entry = self.holding.get(label).copied().unwrap_or(Holding {
+                since: now,
+                fired: false,
+            });
+            next.insert(label.to_string(), entry);
+        }
+        self.holding = next;
+    }
+
+    /// Whether `label` holds now (fired or not).
+    pub fn holds(&self, label: &str) -> bool {
+        self.holding.contains_key(label)
+    }
+
+    /// When a condition holding since `since` makes its rule fire: the first
+    /// evaluation (`origin + k * period`) at or after `since + handle_time`.
+    pub fn due_at(&self, since: Duration) -> Duration {
+        let ready = since + self.handle_time;
+        if self.period.is_zero() || ready <= self.origin {
+            return ready;
+        }
+        let elapsed = (ready - self.origin).as_nanos();
+        let period = self.period.as_nanos();
+        let evaluations = elapsed.div_ceil(period);
+        let offset = evaluations.saturating_mul(period);
+        self.origin + Duration::from_nanos(u64::try_from(offset).unwrap_or(u64::MAX))
+    }
+
+    /// Whether `label` holds, has not fired in this episode, and is due at `now`.
+    pub fn is_due(&self, label: &str, now: Duration) -> bool {
+        self.holding
+            .get(label)
+            .is_some_and(|entry| !entry.fired && self.due_at(entry.since) <= now)
+    }
+
+    /// `label` fired: not again until its condition stops holding.
+    pub fn mark_fired(&mut self, label: &str) {
+        if let Some(entry) = self.holding.get_mut(label) {
+            entry.fired = true;
+        }
+    }
+
+    /// The next time a holding rule becomes due, after `now`.
+    pub fn next_deadline(&self, now: Duration) -> Option<Duration> {
+        self.holding
+            .values()
+            .filter(|entry| !entry.fired)
+            .map(|entry| self.due_at(entry.since))
+            .filter(|at| *at > now)
+            .min()
+    }
+
+    /// How long `label` has held, and how long until it fires (for `state -v`).
+    pub fn pending(&self, now: Duration) -> Vec<(String, Duration, Duration)> {
+        self.holding
+            .iter()
+            .filter(|(_, entry)| !entry.fired)
+            .map(|(label, entry)| {
+                (
+                    label.clone(),
+                    now.saturating_sub(entry.since),
+                    self.due_at(entry.since).saturating_sub(now),
+                )
+            })
+            .collect()
+    }
+}
+
 /// A resource's value as rules test it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ResourceValue {
@@ -331,32 +457,41 @@ pub enum Condition {
 }
 
 impl Condition {
-    /// Evaluates with `values`: every known local resource and its value.
+    /// Evaluates with `values`: every known local resource and its value
+    /// (`remote.` resources are `unknown`).
     pub fn holds(&self, values: &[(&str, ResourceValue)]) -> bool {
+        self.holds_with(values, &[])
+    }
+
+    /// Evaluates with the local resources `local` and the peer's `remote`
+    /// (as its heartbeat carried them; empty: unknown). A resource that no
+    /// value names is `unknown`.
+    pub fn holds_with(
+        &self,
+        local: &[(&str, ResourceValue)],
+        remote: &[(&str, ResourceValue)],
+    ) -> bool {
         match self {
             Condition::Compare {
                 resource,
                 equal,
                 value,
             } => {
-                let any_equal = if resource.remote {
+                let values = if resource.remote { remote } else { local };
+                let mut matching = values
+                    .iter()
+                    .filter(|(name, _)| resource.matches(name))
+                    .peekable();
+                let any_equal = if matching.peek().is_none() {
                     *value == ResourceValue::Unknown
                 } else {
-                    let mut matching = values
-                        .iter()
-                        .filter(|(name, _)| resource.matches(name))
-                        .peekable();
-                    if matching.peek().is_none() {
-                        *value == ResourceValue::Unknown
-                    } else {
-                        matching.any(|(_, current)| current == value)
-                    }
+                    matching.any(|(_, current)| current == value)
                 };
                 any_equal == *equal
             }
-            Condition::Not(inner) => !inner.holds(values),
-            Condition::And(a, b) => a.holds(values) && b.holds(values),
-            Condition::Or(a, b) => a.holds(values) || b.holds(values),
+            Condition::Not(inner) => !inner.holds_with(local, remote),
+            Condition::And(a, b) => a.holds_with(local, remote) && b.holds_with(local, remote),
+            Condition::Or(a, b) => a.holds_with(local, remote) || b.holds_with(local, remote),
         }
     }
 
@@ -367,20 +502,31 @@ impl Condition {
         out
     }
 
+    /// The `remote.` non-pattern resources it compares (without `remote.`), in order.
+    pub fn remote_resources(&self) -> Vec<&str> {
+        let mut out = Vec::new();
+        self.collect_where(true, &mut out);
+        out
+    }
+
     fn collect<'a>(&'a self, out: &mut Vec<&'a str>) {
+        self.collect_where(false, out);
+    }
+
+    fn collect_where<'a>(&'a self, remote: bool, out: &mut Vec<&'a str>) {
         match self {
             Condition::Compare { resource, .. } => {
-                if !resource.remote
+                if resource.remote == remote
                     && !resource.is_pattern()
                     && !out.contains(&resource.name.as_str())
                 {
                     out.push(&resource.name);
                 }
             }
-            Condition::Not(inner) => inner.collect(out),
+            Condition::Not(inner) => inner.collect_where(remote, out),
             Condition::And(a, b) | Condition::Or(a, b) => {
-                a.collect(out);
-                b.collect(out);
+                a.collect_where(remote, out);
+                b.collect_where(remote, out);
             }
         }
     }
@@ -937,6 +1083,20 @@ mod tests {
                 .holds(&values(ResourceValue::Up, ResourceValue::Up)),
             "remote values are unknown here"
         );
+        let remote_down = [("custom.app", ResourceValue::Down)];
+        assert!(
+            second
+                .condition
+                .holds_with(&values(ResourceValue::Up, ResourceValue::Up), &remote_down),
+            "the peer's custom.app, as its heartbeat carried it"
+        );
+        assert!(
+            !second.condition.holds_with(
+                &values(ResourceValue::Down, ResourceValue::Up),
+                &[("custom.app", ResourceValue::Up)]
+            ),
+            "a local value does not stand for the remote one"
+        );
         let proc_down = vec![
             ("proc.a", ResourceValue::Up),
             ("proc.b", ResourceValue::Down),
@@ -985,5 +1145,99 @@ mod tests {
         let none = decide(&mut counter, s(0), "r", "x", "", LocalAction::Noaction);
         assert_eq!(none.command, None);
         assert_eq!(counter.count(s(0)), 0);
+    }
+
+    #[test]
+    fn handle_time_delays_a_rule_to_the_next_evaluation_and_fires_it_once() {
+        // SafeKit's defaults: evaluated every 5 s, the action must hold 15 s.
+        let mut engine = HandleTime::new(s(5), s(15), s(0));
+        engine.update(s(7), ["app_down"]);
+        assert!(!engine.is_due("app_down", s(7)));
+        // 7 + 15 = 22: the next evaluation is at 25.
+        assert_eq!(engine.next_deadline(s(7)), Some(s(25)));
+        assert!(!engine.is_due("app_down", s(24)));
+        engine.update(s(24), ["app_down"]);
+        assert!(engine.is_due("app_down", s(25)), "held long enough");
+        engine.mark_fired("app_down");
+        assert!(!engine.is_due("app_down", s(60)), "once per episode");
+        assert_eq!(engine.next_deadline(s(25)), None);
+        // It stops holding, then holds again: a new delay.
+        engine.update(s(61), []);
+        engine.update(s(62), ["app_down"]);
+        assert!(!engine.is_due("app_down", s(70)));
+        assert!(
+            engine.is_due("app_down", s(80)),
+            "62 + 15 = 77, evaluated at 80"
+        );
+    }
+
+    #[test]
+    fn a_condition_that_stops_holding_before_handle_time_runs_nothing() {
+        let mut engine = HandleTime::new(s(1), s(3), s(0));
+        engine.update(s(10), ["flap"]);
+        engine.update(s(12), []);
+        assert!(!engine.holds("flap"));
+        assert!(!engine.is_due("flap", s(13)));
+        assert_eq!(engine.next_deadline(s(12)), None);
+        engine.update(s(12), ["flap"]);
+        assert_eq!(
+            engine.pending(s(14)),
+            vec![("flap".to_string(), s(2), s(1))]
+        );
+        assert!(engine.is_due("flap", s(15)));
+    }
+
+    #[test]
+    fn without_handle_time_a_rule_is_due_at_once() {
+        let mut engine = HandleTime::immediate();
+        engine.update(s(3), ["r"]);
+        assert!(engine.is_due("r", s(3)));
+        assert_eq!(engine.next_deadline(s(3)), None);
+    }
+
+    #[test]
+    fn a_started_node_waits_while_a_wait_rule_resource_is_init() {
+        use super::super::machine::{Event, State, WaitReason};
+        use super::super::sim::{PairOptions, Sim, ms};
+        use std::collections::BTreeSet;
+        const NODE1: usize = 0;
+        const NODE2: usize = 1;
+        let mut sim = Sim::pair(PairOptions::default());
+        sim.run_for(ms(5000));
+        sim.command(NODE1, Command::Prim);
+        sim.drive();
+        sim.command(NODE2, Command::Second);
+        sim.drive();
+        assert_eq!(sim.state(NODE1), State::Prim, "{}", sim.dump());
+        sim.command(NODE2, Command::Stop);
+        sim.drive();
+        assert_eq!(sim.state(NODE2), State::Stop, "{}", sim.dump());
+        let init: BTreeSet<String> = ["custom.app".to_string()].into();
+        sim.deliver_event(NODE2, Event::WaitResourcesInit(init.clone()));
+        sim.command(NODE2, Command::Start);
+        sim.run_for(ms(10_000));
+        assert_eq!(
+            sim.state(NODE2),
+            State::Wait(WaitReason::ResourceInit),
+            "the peer is PRIM, but custom.app is still init: {}",
+            sim.dump()
+        );
+        assert!(
+            sim.dump()
+                .contains("waiting for the first verdict of custom.app"),
+            "the reason names the resource: {}",
+            sim.dump()
+        );
+        assert_eq!(sim.state(NODE1), State::Alone, "{}", sim.dump());
+        // The checker's first verdict arrives: the start goes on.
+        sim.deliver_event(NODE2, Event::WaitResourcesInit(BTreeSet::new()));
+        sim.run_for(ms(5000));
+        assert_eq!(
+            sim.state(NODE2),
+            State::Second(super::super::SecondPhase::InSync),
+            "{}",
+            sim.dump()
+        );
+        assert_eq!(sim.state(NODE1), State::Prim, "{}", sim.dump());
     }
 }
