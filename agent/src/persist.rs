@@ -222,9 +222,194 @@ pub fn read(path: &Path) -> Result<Option<Vec<u8>>, PersistError> {
     }
 }
 
+/// What a module may have left running, recorded so that a restart after a
+/// crash of the agent can clean it up (`SAFEVAR/modules/<AM>/leftovers`,
+/// written with [`write_atomic`]; see `crate::daemon::leftovers`).
+///
+/// The application started by `start_prim`, the virtual IPs and the custom
+/// checkers' programs all outlive a `kill -9` of the agent; this record is the
+/// only way the next agent knows about them. An empty record
+/// ([`LeftoverRecord::is_empty`]) is what a clean stop leaves.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LeftoverRecord {
+    /// `Some(state)` from just before `start_prim` runs until a `stop_prim`
+    /// succeeds: the application may be running, started in `state` (`PRIM`, `ALONE`).
+    pub application: Option<String>,
+    /// The kernel's boot id (`/proc/sys/kernel/random/boot_id`) when written:
+    /// process ids of another boot mean nothing.
+    pub boot_id: String,
+    /// The pid of the agent that wrote the record (for the log).
+    pub agent_pid: u32,
+    /// Virtual IPs held: `(interface, address)`.
+    pub vips: Vec<(String, std::net::IpAddr)>,
+    /// Process groups of running custom checker programs.
+    pub checker_groups: Vec<CheckerGroup>,
+}
+
+/// A custom checker program's process group, as recorded in a [`LeftoverRecord`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckerGroup {
+    /// The checker's resource (`custom.<ident>`).
+    pub resource: String,
+    /// The process group id, which is the pid of the program (its leader).
+    pub pgid: i32,
+    /// The leader's start time (`/proc/<pid>/stat` field 22, clock ticks since
+    /// boot): a recycled pid has another one.
+    pub start_time: u64,
+}
+
+impl LeftoverRecord {
+    /// Nothing may be left running: what a clean stop leaves.
+    pub fn is_empty(&self) -> bool {
+        self.application.is_none() && self.vips.is_empty() && self.checker_groups.is_empty()
+    }
+
+    /// The payload: one fact per line (`application PRIM`, `boot_id ...`,
+    /// `agent_pid N`, `vip IFNAME ADDR`, `group PGID START_TIME RESOURCE`),
+    /// readable in a support snapshot.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut text = String::new();
+        if let Some(state) = &self.application {
+            text.push_str(&format!("application {state}\n"));
+        }
+        text.push_str(&format!("boot_id {}\n", self.boot_id));
+        text.push_str(&format!("agent_pid {}\n", self.agent_pid));
+        for (ifname, addr) in &self.vips {
+            text.push_str(&format!("vip {ifname} {addr}\n"));
+        }
+        for group in &self.checker_groups {
+            text.push_str(&format!(
+                "group {} {} {}\n",
+                group.pgid, group.start_time, group.resource
+            ));
+        }
+        text.into_bytes()
+    }
+
+    /// Parses what [`LeftoverRecord::encode`] wrote.
+    ///
+    /// # Errors
+    /// The first line that is not understood, with why.
+    pub fn decode(payload: &[u8]) -> Result<LeftoverRecord, String> {
+        let text = std::str::from_utf8(payload).map_err(|error| format!("not UTF-8: {error}"))?;
+        let mut record = LeftoverRecord::default();
+        for (index, line) in text.lines().enumerate() {
+            // A resource name comes last and may hold anything but a line break.
+            let fields: Vec<&str> = match line.strip_prefix("group ") {
+                Some(rest) => std::iter::once("group")
+                    .chain(rest.splitn(3, ' '))
+                    .collect(),
+                None => line.split(' ').collect(),
+            };
+            let bad = |what: &str| format!("line {}: {what}: {line:?}", index + 1);
+            match fields.as_slice() {
+                ["application", state] => record.application = Some((*state).to_string()),
+                ["boot_id", id] => record.boot_id = (*id).to_string(),
+                ["agent_pid", pid] => {
+                    record.agent_pid = pid.parse().map_err(|_| bad("bad pid"))?;
+                }
+                ["vip", ifname, addr] => record.vips.push((
+                    (*ifname).to_string(),
+                    addr.parse().map_err(|_| bad("bad address"))?,
+                )),
+                ["group", pgid, start_time, resource] => {
+                    record.checker_groups.push(CheckerGroup {
+                        resource: (*resource).to_string(),
+                        pgid: pgid.parse().map_err(|_| bad("bad process group"))?,
+                        start_time: start_time.parse().map_err(|_| bad("bad start time"))?,
+                    });
+                }
+                _ => return Err(bad("unknown line")),
+            }
+        }
+        Ok(record)
+    }
+}
+
+/// Reads a module's [`LeftoverRecord`]; `Ok(None)` when there is none.
+///
+/// # Errors
+/// As [`read`], and [`PersistError::Corrupt`] when the payload does not parse.
+pub fn read_leftovers(path: &Path) -> Result<Option<LeftoverRecord>, PersistError> {
+    let Some(payload) = read(path)? else {
+        return Ok(None);
+    };
+    LeftoverRecord::decode(&payload)
+        .map(Some)
+        .map_err(|reason| PersistError::Corrupt {
+            path: path.to_path_buf(),
+            reason,
+        })
+}
+
+/// Replaces a module's [`LeftoverRecord`], atomically and durably.
+///
+/// # Errors
+/// As [`write_atomic`].
+pub fn write_leftovers(path: &Path, record: &LeftoverRecord) -> Result<(), PersistError> {
+    write_atomic(path, &record.encode())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn record() -> LeftoverRecord {
+        LeftoverRecord {
+            application: Some("ALONE".into()),
+            boot_id: "0f4a6d1e-8c1b-4a7e-9d55-5c8e2b7c1a90".into(),
+            agent_pid: 4242,
+            vips: vec![
+                ("eth0".into(), "10.0.0.50".parse().unwrap()),
+                ("eth1".into(), "fd00::50".parse().unwrap()),
+            ],
+            checker_groups: vec![CheckerGroup {
+                resource: "custom.app".into(),
+                pgid: 1234,
+                start_time: 987_654,
+            }],
+        }
+    }
+
+    #[test]
+    fn a_leftover_record_survives_a_write_and_a_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("leftovers");
+        assert_eq!(read_leftovers(&path).unwrap(), None, "no record yet");
+        write_leftovers(&path, &record()).unwrap();
+        let read_back = read_leftovers(&path).unwrap().unwrap();
+        assert_eq!(read_back, record());
+        assert!(!read_back.is_empty());
+
+        // A clean stop clears the application, the VIPs and the groups.
+        let cleared = LeftoverRecord {
+            boot_id: read_back.boot_id.clone(),
+            ..LeftoverRecord::default()
+        };
+        write_leftovers(&path, &cleared).unwrap();
+        let read_back = read_leftovers(&path).unwrap().unwrap();
+        assert!(read_back.is_empty(), "{read_back:?}");
+        assert_eq!(read_back.application, None);
+    }
+
+    #[test]
+    fn a_damaged_leftover_record_is_an_error_not_an_empty_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("leftovers");
+        write_leftovers(&path, &record()).unwrap();
+        let mut bytes = fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x20;
+        fs::write(&path, &bytes).unwrap();
+        assert!(matches!(
+            read_leftovers(&path),
+            Err(PersistError::Corrupt { .. })
+        ));
+        // A valid frame around a payload that is not a record.
+        write_atomic(&path, b"application PRIM\nvip eth0 not-an-address\n").unwrap();
+        let error = read_leftovers(&path).unwrap_err().to_string();
+        assert!(error.contains("line 2: bad address"), "{error}");
+    }
 
     #[test]
     fn encode_then_decode_returns_the_payload() {

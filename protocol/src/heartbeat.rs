@@ -29,7 +29,10 @@
 //! ignores. Compatibility: decoders older than the extension records refuse
 //! any byte after the [`Heartbeat`] (`Malformed: trailing bytes`), so a node
 //! must not send records to a peer that may run such a release; [`encode`]
-//! sends none and is byte for byte what those releases send.
+//! sends none and is byte for byte what those releases send. The agent sends
+//! its checker resources as records (see the agent's `daemon::heartbeat`):
+//! no release with the older decoder was ever published, so no version bump
+//! was made; once one is, a change like this one must bump the version.
 //!
 //! The tag covers the header, so the version and length cannot be altered.
 //! The body names the module, the sender and the LAN it was sent on, so a

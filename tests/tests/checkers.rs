@@ -638,3 +638,79 @@ app_down: if (custom.app == down) then wait();
         "{log}"
     );
 }
+
+/// A custom checker program: reports `custom.x` down while the flag file
+/// `$SAFEUSERVAR/x_down` exists, up otherwise, every 200 ms.
+const CUSTOM_X_CHECKER: &str = r#"#!/bin/sh
+while true; do
+    if [ -e "$SAFEUSERVAR/x_down" ]; then value=down; else value=up; fi
+    "$SAFE/safekit" set -r custom.x -v "$value" -i x || echo "set failed"
+    sleep 0.2
+done
+"#;
+
+#[test]
+fn a_rule_on_a_remote_resource_acts_on_the_peers_checker_verdict() {
+    if !require_root() {
+        return;
+    }
+    let cluster = two_nodes(1);
+    // custom.x is checked on the secondary only (node2); the rule on the
+    // primary (node1) restarts its application when the peer's custom.x is down.
+    let config = r#"<check><custom ident="x" exec="check_x" when="second"/></check>
+<failover><![CDATA[
+peer_x_down: if (remote.custom.x == down) then restart();
+]]></failover>"#;
+    let ([node1, node2], [_agent1, agent2]) = module("", config)
+        .script("check_x", CUSTOM_X_CHECKER)
+        .start_pair(&cluster);
+    wait_checker_up(&node2, "node2's custom checker to report up", "custom.x");
+    node1.wait_for("node1 to show node2's custom.x up", || {
+        safekit_tests::agents::detail(&node1.verbose(), "remote resources") == "custom.x up"
+    });
+    // While the peer's resource is up, the rule does not fire.
+    assert_eq!(starts(&node1), 1, "node1's application started once");
+    assert!(
+        !node1.log().contains("Rule peer_x_down fired"),
+        "{}",
+        node1.log()
+    );
+    // node2 reads node1's custom.x, which is not checked on a primary: init.
+    assert_eq!(
+        safekit_tests::agents::detail(&node2.verbose(), "remote resources"),
+        "custom.x init"
+    );
+
+    // node2's checker sees the failure: node1's rule restarts node1's application.
+    std::fs::write(node2.module_var_dir().join("x_down"), "").expect("flag");
+    node1.wait_for("node1's application to be restarted by the rule", || {
+        starts(&node1) == 2
+    });
+    let log = node1.log();
+    assert!(
+        log.contains(
+            "Rule peer_x_down fired: resource remote.custom.x down (the peer's value is down): action restart"
+        ),
+        "the log names the rule and the peer's resource: {log}"
+    );
+    assert!(
+        log.contains("Action restart called by peer_x_down"),
+        "{log}"
+    );
+    assert_eq!(node1.state(), PRIM, "a restart keeps the state");
+    assert_eq!(node2.state(), SECOND);
+    assert!(
+        !node2.log().contains("Rule peer_x_down fired"),
+        "node2's rule reads node1's init value: {}",
+        node2.log()
+    );
+
+    // The peer lost: its values are unknown again, and the rule no longer holds.
+    agent2.kill();
+    node1.wait_state(ALONE);
+    node1.wait_for("node1 to forget node2's resources", || {
+        safekit_tests::agents::detail(&node1.verbose(), "remote resources")
+            == "unknown (no resources heard from the peer)"
+    });
+    assert!(app_running(&node1), "node1 runs the application");
+}

@@ -14,7 +14,9 @@
 //!   to 30 s; back to 1 s once it has run for a minute), each exit logged in
 //!   the module log;
 //! - its output goes to the application log, with the scripts' environment
-//!   (`SAFE`, `SAFEMODULE`, `SAFEUSERBIN`, ...).
+//!   (`SAFE`, `SAFEMODULE`, `SAFEUSERBIN`, ...);
+//! - its process group is recorded durably while it runs, so that the next
+//!   agent kills it if this one is killed ([`crate::daemon::leftovers`]).
 //!
 //! It must never decide anything about the module: values go through
 //! `safekit set`, decisions through the checker set and the core's rules.
@@ -30,6 +32,7 @@ use nix::unistd::Pid;
 use safekit_core::cluster::State;
 
 use super::{CheckerSpec, Probe};
+use crate::daemon::leftovers::Recorder;
 use crate::modlog::{self, ModLog};
 use crate::scripts::{AppLog, ScriptEnv};
 
@@ -55,6 +58,9 @@ pub struct ProgramContext {
     pub applog: AppLog,
     /// Where its exits are logged.
     pub modlog: ModLog,
+    /// Where its process group is recorded while it runs, so that the next
+    /// agent can kill it after a crash ([`crate::daemon::leftovers`]).
+    pub leftovers: Option<Recorder>,
 }
 
 impl CustomPrograms {
@@ -122,14 +128,18 @@ impl Drop for CustomPrograms {
     }
 }
 
-/// Kills a program's process group when dropped (the supervising task ended or was aborted).
-struct GroupGuard(Option<Pid>);
+/// Kills a program's process group when dropped (the supervising task ended
+/// or was aborted), and removes it from the module's leftovers record.
+struct GroupGuard(Option<Pid>, Option<Recorder>);
 
 impl Drop for GroupGuard {
     fn drop(&mut self) {
         if let Some(group) = self.0.take() {
             // ESRCH: the group is already gone.
             let _ = killpg(group, Signal::SIGKILL);
+            if let Some(recorder) = &self.1 {
+                recorder.group_ended(group.as_raw());
+            }
         }
     }
 }
@@ -153,13 +163,16 @@ async fn supervise(resource: String, exec: String, args: Vec<String>, context: P
     let mut backoff = FIRST_BACKOFF;
     loop {
         let started = Instant::now();
-        let mut guard = GroupGuard(None);
+        let mut guard = GroupGuard(None, context.leftovers.clone());
         let outcome = match spawn(&path, &args, &context) {
             Ok(mut child) => {
                 guard.0 = child
                     .id()
                     .and_then(|pid| i32::try_from(pid).ok())
                     .map(Pid::from_raw);
+                if let (Some(recorder), Some(group)) = (&context.leftovers, guard.0) {
+                    recorder.group_started(&resource, group.as_raw()).await;
+                }
                 tracing::info!(%resource, program = %path.display(), pid = ?child.id(), "custom checker started");
                 context.modlog.log(
                     modlog::Level::Info,

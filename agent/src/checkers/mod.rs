@@ -53,9 +53,15 @@
 //! first sets its resource, then the engine waits). The built-in checker
 //! rules keep acting after their stability delay only, which stands for
 //! `handle_time` there. `state -v` shows each rule that holds and when it
-//! will act. `remote.` resources are the peer's values when given
-//! ([`CheckerSet::set_remote`]); the agent does not exchange them yet
-//! (see `safekit_protocol::heartbeat`'s compatibility note), so they read `unknown`.
+//! will act.
+//!
+//! `remote.` resources are the peer's values: each node sends its own
+//! resources ([`CheckerSet::heartbeat_resources`]) in its heartbeats, and
+//! the runner hands the peer's to [`CheckerSet::set_remote`], which
+//! re-evaluates the rules; they read `unknown` until the first such
+//! heartbeat and again once the peer is lost (see
+//! `crate::daemon::heartbeat` for the size bound and why both nodes must run
+//! this release). `state -v` shows them as `remote resources`.
 
 pub mod custom;
 pub mod ping;
@@ -913,16 +919,13 @@ impl CheckerSet {
         self.due_rule(now, state, transient, waiting_for)
     }
 
-    /// This node's resources for its heartbeat (the peer's `remote.`), at
-    /// most [`safekit_protocol::heartbeat::MAX_RESOURCES`], names that fit only.
+    /// This node's resources for its heartbeat (the peer's `remote.`), all
+    /// of them in name order; the sender keeps those that fit
+    /// (`crate::daemon::heartbeat::encode_fitting`) and logs the others.
     pub fn heartbeat_resources(&self) -> Vec<safekit_protocol::heartbeat::RemoteResource> {
-        use safekit_protocol::heartbeat::{
-            MAX_RESOURCE_NAME, MAX_RESOURCES, RemoteResource, ResourceState,
-        };
+        use safekit_protocol::heartbeat::{RemoteResource, ResourceState};
         self.values()
             .into_iter()
-            .filter(|(name, _)| name.len() <= MAX_RESOURCE_NAME)
-            .take(MAX_RESOURCES)
             .map(|(name, value)| RemoteResource {
                 name: name.to_string(),
                 state: match value {
@@ -932,6 +935,33 @@ impl CheckerSet {
                 },
             })
             .collect()
+    }
+
+    /// The `remote resources` line of `state -v`: the peer's values
+    /// (`custom.app up, proc.x down`); `unknown` when none is known and a
+    /// rule reads one; `None` (no line) otherwise.
+    pub fn remote_summary(&self) -> Option<String> {
+        if self.remote.is_empty() {
+            let read = self
+                .rules
+                .iter()
+                .any(|rule| !rule.condition.remote_resources().is_empty());
+            return read.then(|| "unknown (no resources heard from the peer)".to_string());
+        }
+        let values: Vec<String> = self
+            .remote
+            .iter()
+            .map(|(name, value)| {
+                let value = match value {
+                    ResourceValue::Up => "up",
+                    ResourceValue::Down => "down",
+                    ResourceValue::Init => "init",
+                    ResourceValue::Unknown => "unknown",
+                };
+                format!("{name} {value}")
+            })
+            .collect();
+        Some(values.join(", "))
     }
 
     /// When an explicit rule that holds becomes due (for the runner's timer).

@@ -12,6 +12,33 @@
 //!   shared by the LANs, as the replay rule of
 //!   `safekit_protocol::heartbeat` requires). It sends in every state, STOP
 //!   included. A late round is not caught up: the schedule skips ahead.
+//! - Checker resources: the datagram also carries this node's checker
+//!   resources (`custom.app up`), which the peer's rules read as `remote.`
+//!   resources, as an authenticated extension record
+//!   (`safekit_protocol::heartbeat::Extensions`). The runner publishes them
+//!   with the status ([`publish`]); the sender sends the first ones that fit
+//!   in one datagram ([`encode_fitting`]: names longer than
+//!   `MAX_RESOURCE_NAME`, resources beyond `MAX_RESOURCES` and whatever would
+//!   make the packet exceed `MAX_PACKET_LEN` are left out, and it logs once,
+//!   per LAN, which ones until the set left out changes). A module without
+//!   checkers sends no record: its packets are byte for byte the ones of the
+//!   releases before the records. The receiver hands the records to the
+//!   runner with the heartbeat; the runner gives them to its checkers and
+//!   forgets them (`remote.` reads `unknown` again) when the peer is lost.
+//!
+//! # Compatibility: both nodes must run this release
+//!
+//! The version 2 decoder committed before the extension records refused any
+//! byte after the heartbeat body (`Malformed: trailing bytes`). A node of
+//! this release that has checkers sends records, so a peer still running an
+//! earlier build would refuse every heartbeat and declare this node lost.
+//! Upgrade both nodes together (as for any heartbeat change). The heartbeat
+//! version stays 2 and no release number changes: no release of this
+//! project has been published yet, so no deployed node can run the older
+//! decoder; a version bump would only make this release refuse its own
+//! earlier development builds for no user's benefit. Once a release is
+//! published, a change that an older decoder refuses must bump
+//! `HEARTBEAT_VERSION` instead.
 //! - Receiver: bound to this node's own address on the LAN (nothing listens
 //!   wider than configured). A datagram must carry a valid HMAC under the
 //!   cluster secret, name this module, come from the peer node and name the
@@ -32,8 +59,10 @@
 //!   script, the data path or a checker.
 //! - No blocking I/O on their path but the UDP socket itself: no file, no
 //!   name resolution, no lock held by a slow holder (the shared status is
-//!   replaced under its mutex by a clone, the reception record is a short
-//!   in-memory update). The module log is written only for refused
+//!   replaced under its mutex by a clone, the resource list is an `Arc`
+//!   swapped under the same mutex and only cloned by the sender, the
+//!   reception record is a short in-memory update; the sender never calls
+//!   into the runner). The module log is written only for refused
 //!   heartbeats, at most once per [`WARN_INTERVAL`].
 //! - Raised CPU priority: each heartbeat thread sets its own nice value to
 //!   [`HEARTBEAT_NICE`] (Linux applies `setpriority` to a thread id), so the
@@ -52,7 +81,10 @@ use std::net::{SocketAddr, UdpSocket};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use safekit_protocol::heartbeat::{self, Heartbeat, NodeStatus, ReplayGuard};
+use safekit_protocol::heartbeat::{
+    self, Extensions, Heartbeat, HeartbeatError, MAX_RESOURCE_NAME, MAX_RESOURCES, NodeStatus,
+    RemoteResource, ReplayGuard,
+};
 
 use super::load::LanEndpoints;
 use crate::modlog::{self, ModLog};
@@ -124,8 +156,110 @@ fn raise_priority() {
     }
 }
 
-/// The status the sender thread sends, replaced by the runner after each event.
-pub type SharedStatus = Arc<Mutex<NodeStatus>>;
+/// What the sender thread sends, replaced by the runner after each event ([`publish`]).
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    /// The module's status.
+    pub status: NodeStatus,
+    /// This node's checker resources, in the runner's order (empty: no
+    /// extension record is sent). Shared, so the sender's copy is a
+    /// reference count, not a list.
+    pub resources: Arc<[RemoteResource]>,
+}
+
+impl Outgoing {
+    /// `status` without resources.
+    pub fn new(status: NodeStatus) -> Self {
+        Outgoing {
+            status,
+            resources: Arc::from(Vec::new()),
+        }
+    }
+}
+
+/// The snapshot the runner publishes and the sender thread reads, each
+/// holding the lock only to replace or clone it.
+pub type SharedStatus = Arc<Mutex<Outgoing>>;
+
+/// Publishes the runner's `status` and checker `resources` for the sender;
+/// the resource list is replaced only when it changed.
+pub fn publish(shared: &SharedStatus, status: NodeStatus, resources: Vec<RemoteResource>) {
+    let mut guard = match shared.lock() {
+        Ok(guard) => guard,
+        Err(poisoned) => poisoned.into_inner(),
+    };
+    guard.status = status;
+    if *guard.resources != *resources {
+        guard.resources = Arc::from(resources);
+    }
+}
+
+/// The packet for `heartbeat` carrying the first `resources` that fit, and
+/// the names of those left out, in their order (too long a name, beyond [`MAX_RESOURCES`],
+/// or no room left in [`heartbeat::MAX_PACKET_LEN`]). No resources: no
+/// extension record, the same bytes as [`heartbeat::encode`]. When all do
+/// not fit, the longest prefix that does is found by bisection (a few
+/// encodings, only in that case).
+///
+/// # Errors
+/// The heartbeat itself cannot be encoded (see [`heartbeat::encode`]).
+pub fn encode_fitting<'r>(
+    secret: &[u8],
+    heartbeat: &Heartbeat,
+    resources: &'r [RemoteResource],
+) -> Result<(Vec<u8>, Vec<&'r str>), HeartbeatError> {
+    if resources.is_empty() {
+        return Ok((heartbeat::encode(secret, heartbeat)?, Vec::new()));
+    }
+    let eligible: Vec<&RemoteResource> = resources
+        .iter()
+        .filter(|resource| resource.name.len() <= MAX_RESOURCE_NAME)
+        .take(MAX_RESOURCES)
+        .collect();
+    let attempt = |count: usize| {
+        let extensions = Extensions {
+            resources: Some(eligible[..count].iter().map(|&r| r.clone()).collect()),
+        };
+        heartbeat::encode_with_extensions(secret, heartbeat, &extensions)
+    };
+    let (packet, sent) = match attempt(eligible.len()) {
+        Ok(packet) => (packet, eligible.len()),
+        Err(HeartbeatError::TooLarge(_)) => {
+            // The size grows with the count: bisect for the largest count
+            // that fits; every count from `high` on is known not to.
+            let (mut low, mut high) = (0, eligible.len());
+            let mut fits = None;
+            while low < high {
+                let middle = low + (high - low) / 2;
+                match attempt(middle) {
+                    Ok(packet) => {
+                        fits = Some((packet, middle));
+                        low = middle + 1;
+                    }
+                    Err(HeartbeatError::TooLarge(_)) => high = middle,
+                    Err(error) => return Err(error),
+                }
+            }
+            match fits {
+                Some(fitting) => fitting,
+                // Not even an empty record fits: send none.
+                None => (heartbeat::encode(secret, heartbeat)?, 0),
+            }
+        }
+        Err(error) => return Err(error),
+    };
+    // In their original order (`resources` is short: at most a few hundred).
+    let names: Vec<&str> = if sent == resources.len() {
+        Vec::new()
+    } else {
+        resources
+            .iter()
+            .filter(|resource| !eligible[..sent].iter().any(|&s| std::ptr::eq(s, *resource)))
+            .map(|resource| resource.name.as_str())
+            .collect()
+    };
+    Ok((packet, names))
+}
 
 /// What the sender needs.
 #[derive(Debug, Clone)]
@@ -163,18 +297,25 @@ pub fn spawn_sender(
 }
 
 fn send_loop(config: &SenderConfig, secret: &[u8], status: &SharedStatus) {
-    let mut sockets: Vec<(LanEndpoints, Option<UdpSocket>)> =
-        config.lans.iter().map(|lan| (lan.clone(), None)).collect();
+    // Per LAN: its socket, and the resources left out of its last packet.
+    let mut sockets: Vec<(LanEndpoints, Option<UdpSocket>, Vec<String>)> = config
+        .lans
+        .iter()
+        .map(|lan| (lan.clone(), None, Vec::new()))
+        .collect();
     let mut warn = RateLimit::default();
     let mut seq: u64 = 0;
     let mut next = Instant::now();
     loop {
         seq += 1;
-        let payload = match status.lock() {
+        let Outgoing {
+            status: payload,
+            resources,
+        } = match status.lock() {
             Ok(guard) => guard.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
         };
-        for (lan, socket) in &mut sockets {
+        for (lan, socket, last_left_out) in &mut sockets {
             if socket.is_none() {
                 // Bound to our own address on this LAN so the datagram leaves on it.
                 match UdpSocket::bind(SocketAddr::new(lan.local.ip(), 0)) {
@@ -195,8 +336,22 @@ fn send_loop(config: &SenderConfig, secret: &[u8], status: &SharedStatus) {
                 seq,
                 status: payload.clone(),
             };
-            let packet = match heartbeat::encode(secret, &heartbeat) {
-                Ok(packet) => packet,
+            let packet = match encode_fitting(secret, &heartbeat, &resources) {
+                Ok((packet, left_out)) => {
+                    if left_out != *last_left_out {
+                        if !left_out.is_empty() {
+                            tracing::warn!(
+                                lan = %lan.name,
+                                left_out = %left_out.join(", "),
+                                "checker resources left out of the heartbeat (they do not fit in one datagram): the peer reads them as unknown"
+                            );
+                        } else {
+                            tracing::info!(lan = %lan.name, "every checker resource fits in the heartbeat again");
+                        }
+                        *last_left_out = left_out.into_iter().map(str::to_string).collect();
+                    }
+                    packet
+                }
                 Err(error) => {
                     if let Some(suppressed) = warn.allow() {
                         tracing::error!(%error, suppressed, "cannot encode a heartbeat");
@@ -234,7 +389,8 @@ pub struct ReceiverConfig {
 }
 
 /// Binds the receiver socket and starts its thread, which forwards every
-/// accepted heartbeat with `forward` for the life of the process.
+/// accepted heartbeat, with its extension records (the peer's checker
+/// resources), with `forward` for the life of the process.
 ///
 /// # Errors
 /// The socket cannot be bound (the node's address is not configured here,
@@ -243,7 +399,7 @@ pub fn spawn_receiver(
     config: ReceiverConfig,
     secret: Arc<[u8]>,
     modlog: ModLog,
-    forward: impl Fn(Heartbeat) -> bool + Send + 'static,
+    forward: impl Fn(Heartbeat, Extensions) -> bool + Send + 'static,
 ) -> std::io::Result<()> {
     let socket = UdpSocket::bind(config.lan.local)?;
     let span =
@@ -263,7 +419,7 @@ fn receive_loop(
     socket: &UdpSocket,
     secret: &[u8],
     modlog: &ModLog,
-    forward: &dyn Fn(Heartbeat) -> bool,
+    forward: &dyn Fn(Heartbeat, Extensions) -> bool,
 ) {
     let mut guard = ReplayGuard::new();
     let mut warn = RateLimit::default();
@@ -278,9 +434,9 @@ fn receive_loop(
             }
         };
         match check(config, secret, &mut guard, &buffer[..len]) {
-            Ok(heartbeat) => {
+            Ok((heartbeat, extensions)) => {
                 record_reception(&config.module, &config.lan.name, Instant::now());
-                if !forward(heartbeat) {
+                if !forward(heartbeat, extensions) {
                     // The runner is gone: the agent is shutting down.
                     return;
                 }
@@ -311,8 +467,9 @@ fn check(
     secret: &[u8],
     guard: &mut ReplayGuard,
     packet: &[u8],
-) -> Result<Heartbeat, String> {
-    let heartbeat = heartbeat::decode(secret, packet).map_err(|error| error.to_string())?;
+) -> Result<(Heartbeat, Extensions), String> {
+    let (heartbeat, extensions) =
+        heartbeat::decode_with_extensions(secret, packet).map_err(|error| error.to_string())?;
     if heartbeat.module != config.module {
         return Err(format!("for module {:?}, not this one", heartbeat.module));
     }
@@ -334,7 +491,7 @@ fn check(
             stale.boot, stale.seq
         )
     })?;
-    Ok(heartbeat)
+    Ok((heartbeat, extensions))
 }
 
 /// At most one report per [`WARN_INTERVAL`].
@@ -480,6 +637,131 @@ mod tests {
         assert!(lines[0].ends_with(", largest gap 0.90 s"), "{lines:?}");
         assert!(lines[1].ends_with(", largest gap 0.00 s"), "{lines:?}");
         assert!(reception("other").is_empty());
+    }
+
+    fn heartbeat_of(seq: u64) -> Heartbeat {
+        Heartbeat {
+            module: "mirror".into(),
+            sender: "node1".into(),
+            lan: "default".into(),
+            boot: 1,
+            seq,
+            status: status(),
+        }
+    }
+
+    fn resource(name: String) -> RemoteResource {
+        RemoteResource {
+            name,
+            state: safekit_protocol::heartbeat::ResourceState::Up,
+        }
+    }
+
+    fn decoded_resources(secret: &[u8], packet: &[u8]) -> Option<Vec<RemoteResource>> {
+        heartbeat::decode_with_extensions(secret, packet)
+            .expect("the peer accepts the packet")
+            .1
+            .resources
+    }
+
+    #[test]
+    fn without_resources_the_packet_is_the_one_older_releases_send() {
+        let secret = b"0123456789abcdef0123456789abcdef";
+        let (packet, left_out) = encode_fitting(secret, &heartbeat_of(1), &[]).expect("encodes");
+        assert_eq!(
+            packet,
+            heartbeat::encode(secret, &heartbeat_of(1)).expect("encodes")
+        );
+        assert!(left_out.is_empty());
+        assert_eq!(decoded_resources(secret, &packet), None);
+    }
+
+    #[test]
+    fn resources_that_fit_are_all_sent_in_order() {
+        let secret = b"0123456789abcdef0123456789abcdef";
+        let resources = vec![
+            resource("custom.app".into()),
+            resource("proc.watchedapp".into()),
+        ];
+        let (packet, left_out) =
+            encode_fitting(secret, &heartbeat_of(1), &resources).expect("encodes");
+        assert!(left_out.is_empty(), "{left_out:?}");
+        assert_eq!(decoded_resources(secret, &packet), Some(resources));
+    }
+
+    #[test]
+    fn resources_beyond_one_datagram_are_cut_to_the_first_that_fit_and_named() {
+        let secret = b"0123456789abcdef0123456789abcdef";
+        // 64 names of 90 bytes: about 5.9 KB, four times what a datagram holds.
+        let resources: Vec<RemoteResource> = (0..64)
+            .map(|index| resource(format!("custom.{index:02}{}", "x".repeat(81))))
+            .collect();
+        let (packet, left_out) =
+            encode_fitting(secret, &heartbeat_of(1), &resources).expect("encodes");
+        assert!(
+            packet.len() <= heartbeat::MAX_PACKET_LEN,
+            "{}",
+            packet.len()
+        );
+        let sent = decoded_resources(secret, &packet).expect("a resources record");
+        assert!(
+            !sent.is_empty() && sent.len() < resources.len(),
+            "{}",
+            sent.len()
+        );
+        assert_eq!(sent, resources[..sent.len()], "the first ones, in order");
+        let expected: Vec<&str> = resources[sent.len()..]
+            .iter()
+            .map(|resource| resource.name.as_str())
+            .collect();
+        assert_eq!(left_out, expected, "every resource not sent is named");
+        // As many as fit: one more does not.
+        let one_more = Extensions {
+            resources: Some(resources[..=sent.len()].to_vec()),
+        };
+        assert!(matches!(
+            heartbeat::encode_with_extensions(secret, &heartbeat_of(1), &one_more),
+            Err(HeartbeatError::TooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn too_long_names_and_resources_beyond_the_count_limit_are_left_out() {
+        let secret = b"0123456789abcdef0123456789abcdef";
+        let too_long = format!("custom.{}", "y".repeat(MAX_RESOURCE_NAME));
+        let mut resources = vec![resource(too_long.clone())];
+        resources.extend((0..MAX_RESOURCES + 2).map(|index| resource(format!("p.{index}"))));
+        let (packet, left_out) =
+            encode_fitting(secret, &heartbeat_of(1), &resources).expect("encodes");
+        let sent = decoded_resources(secret, &packet).expect("a resources record");
+        assert_eq!(sent, resources[1..=MAX_RESOURCES]);
+        let beyond_64 = format!("p.{MAX_RESOURCES}");
+        let beyond_65 = format!("p.{}", MAX_RESOURCES + 1);
+        assert_eq!(
+            left_out,
+            vec![too_long.as_str(), beyond_64.as_str(), beyond_65.as_str()],
+            "in the runner's order"
+        );
+    }
+
+    #[test]
+    fn publish_replaces_the_status_and_keeps_an_unchanged_resource_list() {
+        let shared: SharedStatus = Arc::new(Mutex::new(Outgoing::new(status())));
+        let resources = vec![resource("custom.app".into())];
+        publish(&shared, status(), resources.clone());
+        let first = Arc::clone(&shared.lock().expect("lock").resources);
+        assert_eq!(*first, *resources);
+        let mut prim = status();
+        prim.state = ModuleState::Prim;
+        publish(&shared, prim.clone(), resources.clone());
+        let snapshot = shared.lock().expect("lock").clone();
+        assert_eq!(snapshot.status, prim);
+        assert!(
+            Arc::ptr_eq(&snapshot.resources, &first),
+            "an unchanged list is not replaced"
+        );
+        publish(&shared, prim, Vec::new());
+        assert!(shared.lock().expect("lock").resources.is_empty());
     }
 
     #[test]

@@ -30,7 +30,8 @@
 //!    every error and not started.
 //! 4. Per module: read its persisted state (`SAFEVAR/modules/<AM>/state`),
 //!    open its logs, bind its heartbeat sockets, start its threads and runner.
-//!    A module always starts in STOP.
+//!    A module always starts in STOP; its runner first cleans up what a killed
+//!    agent left running for it ([`leftovers`]), before any command.
 //! 5. Modules whose boot is on (`safekit boot on`, `<service boot="on">`)
 //!    are then started with `start` by the caller `boot`, the others stay
 //!    STOP: one rule for a machine boot and a restart after a crash alike
@@ -44,6 +45,7 @@
 pub mod admin;
 pub mod boot;
 pub mod heartbeat;
+pub mod leftovers;
 pub mod load;
 pub mod runner;
 
@@ -221,7 +223,9 @@ async fn start(options: &DaemonOptions) -> Result<Registry, DaemonError> {
             origin.elapsed(),
             rand::random::<u64>(),
         );
-        let heartbeat_status = Arc::new(Mutex::new(machine.heartbeat_payload()));
+        let heartbeat_status = Arc::new(Mutex::new(heartbeat::Outgoing::new(
+            machine.heartbeat_payload(),
+        )));
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let (datapath_tx, mut datapath_rx) = mpsc::unbounded_channel();
         let forward_tx = events_tx.clone();
@@ -243,7 +247,11 @@ async fn start(options: &DaemonOptions) -> Result<Registry, DaemonError> {
                 },
                 Arc::clone(&secret),
                 modlog.clone(),
-                move |received| events.send(RunnerEvent::Heartbeat(received)).is_ok(),
+                move |received, extensions| {
+                    events
+                        .send(RunnerEvent::Heartbeat(received, extensions.resources))
+                        .is_ok()
+                },
             )
             .map_err(|source| DaemonError::Heartbeat {
                 module: setup.name.clone(),

@@ -26,6 +26,10 @@
 //!   named in the config or else the one whose subnet holds the address, and
 //!   gratuitous ARP ([`crate::arp`]) when `arpreroute="on"`: a burst at once,
 //!   then SafeKit's series every `arpinterval` for `arpelapse`.
+//! - What a crash of the agent would leave running (the application from
+//!   before `start_prim` until a successful `stop_prim`, the VIPs held, the
+//!   custom checkers' process groups) is recorded durably, and cleaned up
+//!   when the runner starts, before any command ([`super::leftovers`]).
 //! - Data-path actions go to the module's [`DataPath`].
 //! - Logs and state changes go to the module log ([`crate::modlog`]) and to
 //!   `tracing` (one `info` event with `from`, `to`, `reason` per change).
@@ -45,7 +49,10 @@
 //!   lost, the split-brain witness is probed afresh.
 //!
 //! After every event the runner publishes the module's status (for
-//! `safekit state`) and the heartbeat payload (for the sender thread).
+//! `safekit state`) and the heartbeat payload with this node's checker
+//! resources (for the sender thread). The peer's resources arrive with its
+//! heartbeats and go to the checkers' `remote.` values, which are forgotten
+//! (`unknown`) once the peer is lost.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -79,8 +86,12 @@ pub enum RunnerEvent {
         /// Where to answer.
         reply: oneshot::Sender<AdminResponse>,
     },
-    /// An authenticated, fresh heartbeat from the peer.
-    Heartbeat(Heartbeat),
+    /// An authenticated, fresh heartbeat from the peer, with the checker
+    /// resources it carried (`None`: it sent none).
+    Heartbeat(
+        Heartbeat,
+        Option<Vec<safekit_protocol::heartbeat::RemoteResource>>,
+    ),
     /// A script returned.
     ScriptFinished {
         /// Which.
@@ -206,6 +217,8 @@ pub struct Runner {
     deferred_second: Option<DeferredSecond>,
     /// The programs of the custom checkers ([`crate::checkers::custom`]).
     custom_programs: crate::checkers::custom::CustomPrograms,
+    /// What a crash of the agent would leave running ([`super::leftovers`]).
+    leftovers: super::leftovers::Recorder,
 }
 
 /// What [`Runner::new`] needs besides the module's setup.
@@ -248,6 +261,8 @@ impl Runner {
             max_bytes: u64::from(user.as_ref().map_or(2048, |user| user.userlogsize)) * 1024,
         };
         let vips = vip_specs(&setup.config);
+        let leftovers =
+            super::leftovers::Recorder::new(super::leftovers::record_beside(&parts.state_path));
         Runner {
             scripts_enabled: user.is_some(),
             setup,
@@ -274,6 +289,7 @@ impl Runner {
             checker_generation: Arc::default(),
             deferred_second: None,
             custom_programs: crate::checkers::custom::CustomPrograms::default(),
+            leftovers,
         }
     }
 
@@ -296,6 +312,8 @@ impl Runner {
                 );
             }
         }
+        // What a killed agent left running is stopped before the module can start.
+        self.clean_up_leftovers().await;
         // A stopped module holds no virtual IP, even if a killed agent left one behind.
         self.release_vip().await;
         for problem in std::mem::take(&mut self.checker_problems) {
@@ -367,13 +385,17 @@ impl Runner {
                     // The caller may have given up waiting; nothing to do then.
                     let _ = reply.send(response);
                 }
-                Some(RunnerEvent::Heartbeat(heartbeat)) => {
+                Some(RunnerEvent::Heartbeat(heartbeat, resources)) => {
                     let actions = self
                         .machine
                         .handle(self.now(), Event::HeartbeatReceived(heartbeat));
                     self.execute(actions, None).await;
+                    self.set_remote_resources(resources.as_deref()).await;
                 }
                 Some(RunnerEvent::ScriptFinished { script, success }) => {
+                    if success && matches!(script, Script::StopPrim { .. }) {
+                        self.leftovers.application_stopped().await;
+                    }
                     let actions = self
                         .machine
                         .handle(self.now(), Event::ScriptFinished { script, success });
@@ -442,6 +464,10 @@ impl Runner {
             self.resolve_deferred_second().await;
             self.sync_custom_programs();
             self.run_due_rules().await;
+            if self.machine.peer_state().is_none() {
+                // Peer lost: its resources are unknown again.
+                self.set_remote_resources(None).await;
+            }
             self.sync_wait_resources_init().await;
             self.datapath
                 .set_peer_in_sync(self.machine.state() == State::Prim);
@@ -725,7 +751,13 @@ impl Runner {
                         std::process::exit(1);
                     }
                 }
-                Action::RunScript(script) => self.spawn_script(script, change),
+                Action::RunScript(script) => {
+                    if script == Script::StartPrim {
+                        let state = change.map_or(self.machine.state(), |(_, to)| to);
+                        self.leftovers.application_starting(state.name()).await;
+                    }
+                    self.spawn_script(script, change);
+                }
                 Action::TakeVip => self.take_vip().await,
                 Action::ReleaseVip => self.release_vip().await,
                 Action::SetReplicationRole(role) => {
@@ -795,6 +827,9 @@ impl Runner {
                         .log(modlog::Level::Event, format!("{from} -> {to}: {reason}"));
                     if from == State::Alone && to == State::Prim {
                         self.reannounce_vips();
+                    }
+                    if matches!(to, State::Alone | State::Prim) {
+                        self.leftovers.application_state(to.name()).await;
                     }
                 }
                 Action::RefuseCommand { command, reason } => {
@@ -876,6 +911,7 @@ impl Runner {
             env: self.script_env.clone(),
             applog: self.applog.clone(),
             modlog: self.modlog.clone(),
+            leftovers: Some(self.leftovers.clone()),
         };
         self.custom_programs.sync(
             &self.checker_specs,
@@ -885,6 +921,28 @@ impl Runner {
         );
         self.checkers
             .forget_inactive(self.now(), self.machine.state(), self.machine.waiting_for());
+    }
+
+    /// The peer's checker resources (`None`: unknown), for `remote.` in the
+    /// rules; a rule that now holds runs as after an observation.
+    async fn set_remote_resources(
+        &mut self,
+        resources: Option<&[safekit_protocol::heartbeat::RemoteResource]>,
+    ) {
+        let decision = self.checkers.set_remote(
+            self.now(),
+            resources,
+            self.machine.state(),
+            self.machine.is_transient(),
+            self.machine.waiting_for(),
+        );
+        if let Some(decision) = decision {
+            let outcome = crate::checkers::Outcome {
+                decision: Some(decision),
+                ..crate::checkers::Outcome::default()
+            };
+            self.on_checker_outcome(outcome).await;
+        }
     }
 
     /// Runs the `<failover>` rule whose `handle_time` elapsed, if any.
@@ -1252,6 +1310,7 @@ impl Runner {
                 ),
             }
         }
+        self.leftovers.vips_held(&self.vip_held).await;
     }
 
     /// A gratuitous ARP burst for the virtual IPs this node holds. When the
@@ -1286,6 +1345,7 @@ impl Runner {
             return;
         };
         self.vip_held.clear();
+        self.leftovers.vips_held(&[]).await;
         let addresses = match netlink.list_addresses().await {
             Ok(addresses) => addresses,
             Err(error) => {
@@ -1310,12 +1370,30 @@ impl Runner {
         }
     }
 
+    /// At start, before any command: cleans up what a killed agent left
+    /// running for this module ([`super::leftovers::clean_up`]).
+    async fn clean_up_leftovers(&mut self) {
+        let configured_vips = self.vips.iter().map(|vip| vip.addr).collect();
+        let scripts = self
+            .scripts_enabled
+            .then_some((&self.script_env, &self.applog));
+        super::leftovers::clean_up(super::leftovers::Cleanup {
+            path: super::leftovers::record_beside(&self.state_path),
+            modlog: &self.modlog,
+            netlink: self.netlink.as_ref(),
+            configured_vips,
+            scripts,
+            force_stop_timeout: self.setup.script_timeouts().force_stop,
+        })
+        .await;
+    }
+
     fn publish(&self) {
-        let payload = self.machine.heartbeat_payload();
-        match self.heartbeat_status.lock() {
-            Ok(mut guard) => *guard = payload,
-            Err(poisoned) => *poisoned.into_inner() = payload,
-        }
+        super::heartbeat::publish(
+            &self.heartbeat_status,
+            self.machine.heartbeat_payload(),
+            self.checkers.heartbeat_resources(),
+        );
         self.status.send_replace(self.render());
     }
 
@@ -1436,6 +1514,9 @@ impl Runner {
             ));
         }
         details.extend(self.checkers.details(self.now()));
+        if let Some(remote) = self.checkers.remote_summary() {
+            details.push(("remote resources".into(), remote));
+        }
         details.extend(self.datapath.stats().details);
         ModuleStatus {
             module: self.setup.name.clone(),
