@@ -499,3 +499,28 @@ pub fn wait_one_primary<'a, 'c>(
         (node2, node1)
     }
 }
+
+/// Port of the small web application the scenario modules' `start_prim`
+/// starts (`python3 -m http.server`, serving the node's name as `/whoami`).
+pub const WHOAMI_PORT: u16 = 8080;
+
+/// The node name the client gets from the `/whoami` application through `vip`
+/// (one attempt, 1 s), or `None` when nothing answers.
+pub fn client_reaches(client: &Node, vip: std::net::Ipv4Addr) -> Option<String> {
+    let output = client
+        .run(format!("curl -s -m 1 http://{vip}:{WHOAMI_PORT}/whoami"))
+        .expect("run curl");
+    output.success().then(|| output.stdout.trim().to_string())
+}
+
+/// Waits ([`DEFAULT_STATE_WAIT`]) until the client reaches `node`'s
+/// application through `vip`; panics with the last answer otherwise.
+pub fn wait_client_reaches(client: &Node, vip: std::net::Ipv4Addr, node: &str) {
+    wait_until(
+        &format!("the client to reach {node} through {vip}"),
+        DEFAULT_STATE_WAIT,
+        Duration::from_millis(50),
+        || client_reaches(client, vip).as_deref() == Some(node),
+    )
+    .unwrap_or_else(|error| panic!("{error}: last answer {:?}", client_reaches(client, vip)));
+}

@@ -8,15 +8,13 @@
 //! `cargo build -p safekit-agent --bins` (same target directory).
 
 use std::net::Ipv4Addr;
-use std::time::Duration;
 
 use safekit_tests::agents::{
-    ALONE, AgentNode, DEFAULT_STATE_WAIT as STATE_WAIT, ModuleSpec, PRIM, SECOND, first_start,
+    ALONE, AgentNode, ModuleSpec, PRIM, SECOND, first_start, wait_client_reaches,
 };
-use safekit_tests::{Cluster, Node, require_root, wait_until};
+use safekit_tests::{Cluster, Node, require_root};
 
 const MODULE: &str = "mirror";
-const APP_PORT: u16 = 8080;
 
 /// Starts the application in the background (a web server answering with
 /// the node's name) and writes its pid file, as the demo module does.
@@ -102,24 +100,6 @@ fn holds(node: &Node, vip: Ipv4Addr) -> bool {
     node.run_ok("ip -o addr show")
         .expect("ip addr")
         .contains(&format!(" {vip}/"))
-}
-
-/// What the client gets from the application through the virtual IP.
-fn client_reaches(client: &Node, vip: Ipv4Addr) -> Option<String> {
-    let output = client
-        .run(format!("curl -s -m 1 http://{vip}:{APP_PORT}/whoami"))
-        .expect("run curl");
-    output.success().then(|| output.stdout.trim().to_string())
-}
-
-fn wait_client_reaches(client: &Node, vip: Ipv4Addr, node: &str) {
-    wait_until(
-        &format!("the client to reach {node} through {vip}"),
-        STATE_WAIT,
-        Duration::from_millis(50),
-        || client_reaches(client, vip).as_deref() == Some(node),
-    )
-    .unwrap_or_else(|error| panic!("{error}: last answer {:?}", client_reaches(client, vip)));
 }
 
 #[test]

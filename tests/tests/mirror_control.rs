@@ -12,13 +12,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use safekit_tests::agents::{
-    ALONE, DEFAULT_STATE_WAIT as STATE_WAIT, ModuleSpec, PRIM, SECOND, STOP, WAIT, detail,
-    first_start, start_agents, wait_one_primary,
+    ALONE, DEFAULT_STATE_WAIT as STATE_WAIT, ModuleSpec, PRIM, SECOND, STOP, WAIT, WHOAMI_PORT,
+    client_reaches, detail, first_start, start_agents, wait_client_reaches, wait_one_primary,
 };
 use safekit_tests::{Cluster, Node, NodeProcess, require_root, wait_until};
 
 const MODULE: &str = "mirror";
-const APP_PORT: u16 = 8080;
 /// Heartbeat port of module id 1 (8888 + id - 1).
 const HEART_PORT: u16 = 8888;
 
@@ -86,24 +85,6 @@ fn module(vip: Ipv4Addr, extra: &str) -> ModuleSpec {
         .config(extra)
         .script("start_prim", START_PRIM)
         .script("stop_prim", STOP_PRIM)
-}
-
-/// What the client gets from the application through the virtual IP.
-fn client_reaches(client: &Node, vip: Ipv4Addr) -> Option<String> {
-    let output = client
-        .run(format!("curl -s -m 1 http://{vip}:{APP_PORT}/whoami"))
-        .expect("run curl");
-    output.success().then(|| output.stdout.trim().to_string())
-}
-
-fn wait_client_reaches(client: &Node, vip: Ipv4Addr, node: &str) {
-    wait_until(
-        &format!("the client to reach {node} through {vip}"),
-        STATE_WAIT,
-        Duration::from_millis(50),
-        || client_reaches(client, vip).as_deref() == Some(node),
-    )
-    .unwrap_or_else(|error| panic!("{error}: last answer {:?}", client_reaches(client, vip)));
 }
 
 fn two_nodes() -> (Cluster, Ipv4Addr) {
@@ -196,7 +177,7 @@ impl Probe {
         std::fs::write(&script, PROBE).expect("write probe");
         let process = client
             .spawn(format!(
-                "exec python3 {} {vip} {APP_PORT} {}",
+                "exec python3 {} {vip} {WHOAMI_PORT} {}",
                 script.display(),
                 file.display()
             ))
