@@ -461,6 +461,32 @@ pub fn transition_hooks(from: &'static str, to: &'static str, action: &'static s
     hooks
 }
 
+/// The action argument of the scripts a `restart` runs (SafeKit's reference
+/// lists only `start`, `stop`, `stopstart` and `stopwait`; a restart's scripts
+/// get `<state> <state> restart`, so they can tell it from a real stop).
+pub const RESTART_ACTION: &str = "restart";
+
+/// The hooks a `restart` runs besides `stop_prim`/`start_prim`, in order:
+/// `stop_both` then `start_both` (SafeKit runs only the application scripts,
+/// `stop_prim;start_prim` and `stop_both;start_both`), with the arguments
+/// `<state> <state> restart`. They run between `stop_prim` and `start_prim` on
+/// ALONE/PRIM, and alone on SECOND; no other state runs the application.
+pub fn restart_hooks(state: &'static str) -> Vec<Hook> {
+    if !["ALONE", "PRIM", "SECOND"].contains(&state) {
+        return Vec::new();
+    }
+    [("stop_both", true), ("start_both", false)]
+        .into_iter()
+        .map(|(name, stop)| Hook {
+            name,
+            current_state: state,
+            next_state: state,
+            action: RESTART_ACTION,
+            stop,
+        })
+        .collect()
+}
+
 type ScriptJob = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 /// Runs a module's scripts one after the other, in the order they were
@@ -618,6 +644,24 @@ mod tests {
             ["transition WAIT STOP stop", "poststop WAIT STOP stop"]
         );
         assert!(transition_hooks("SECOND", "SECOND", "start").is_empty());
+    }
+
+    #[test]
+    fn restart_runs_stop_both_then_start_both_with_the_restart_arguments() {
+        for state in ["ALONE", "PRIM", "SECOND"] {
+            let hooks = restart_hooks(state);
+            assert_eq!(
+                names(&hooks),
+                [
+                    format!("stop_both {state} {state} restart"),
+                    format!("start_both {state} {state} restart")
+                ]
+            );
+            let stops: Vec<bool> = hooks.iter().map(|hook| hook.stop).collect();
+            assert_eq!(stops, [true, false]);
+        }
+        assert!(restart_hooks("WAIT").is_empty());
+        assert!(restart_hooks("STOP").is_empty());
     }
 
     #[tokio::test]

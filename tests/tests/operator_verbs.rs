@@ -431,3 +431,79 @@ fn second_right_after_the_peer_turned_alone_waits_for_its_heartbeat() {
     node2.wait_state(SECOND);
     node1.wait_state(PRIM);
 }
+
+/// Waits until the last line of `hooks.log` is `last` (the hooks of a change
+/// run after the state is shown); returns the log's length.
+fn settled_hooks(node: &AgentNode<'_>, last: &str) -> usize {
+    node.wait_for(&format!("last hook {last:?}"), || {
+        hooks_log(node).last().map(String::as_str) == Some(last)
+    });
+    hooks_log(node).len()
+}
+
+#[test]
+fn wait_verbs_return_once_the_state_is_reached_and_restart_runs_the_application_scripts() {
+    if !require_root() {
+        return;
+    }
+    let cluster = two_nodes();
+    let ([node1, node2], _agents) = module().start_pair(&cluster);
+
+    // A SECOND never becomes ALONE: timeout, exit 1, the current state in the line.
+    let timeout = node2.safekit(&format!("waitstate -m {MODULE} ALONE -t 2"));
+    assert_eq!(timeout.status.code(), Some(1), "{}", timeout.stdout);
+    assert!(
+        timeout.stderr.contains("timeout")
+            && timeout.stderr.contains(&format!("{MODULE} is SECOND")),
+        "{}",
+        timeout.stderr
+    );
+    let bad = node2.safekit(&format!("waitstate -m {MODULE} PRIMARY"));
+    assert_eq!(bad.status.code(), Some(2), "{}", bad.stderr);
+
+    // stop then waitstop: once it returns, the module is stopped.
+    node2.safekit_ok(&format!("stop -m {MODULE}"));
+    node2.safekit_ok(&format!("waitstop -m {MODULE} -t 60"));
+    assert_eq!(node2.state(), STOP);
+    node1.wait_state(ALONE);
+
+    // start on node2 while node1 is primary, then waitstate SECOND: SECOND and Ready.
+    node2.safekit_ok(&format!("start -m {MODULE}"));
+    let reached = node2.safekit_ok(&format!("waitstate -m {MODULE} SECOND -t 60"));
+    assert!(reached.contains("SECOND (Ready)"), "{reached}");
+    let state = node2.safekit_ok(&format!("state -m {MODULE}"));
+    assert!(state.contains("SECOND (Ready)"), "{state}");
+    let started = node1.safekit_ok(&format!("waitstart -m {MODULE} -t 60"));
+    assert!(started.contains("(Ready)"), "{started}");
+
+    // restart on the primary: stop_prim, stop_both, start_both, start_prim; the state is kept.
+    node1.wait_state(PRIM);
+    let seen1 = settled_hooks(&node1, "stop_sec ALONE PRIM start");
+    let restart = node1.safekit_ok(&format!("restart -m {MODULE}"));
+    assert!(restart.contains("PRIM"), "{restart}");
+    expect_hooks(
+        &node1,
+        seen1,
+        &[
+            "stop_prim PRIM PRIM restart",
+            "stop_both PRIM PRIM restart",
+            "start_both PRIM PRIM restart",
+            "start_prim PRIM PRIM restart",
+        ],
+    );
+    node1.safekit_ok(&format!("waitstate -m {MODULE} PRIM -t 60"));
+
+    // restart on the secondary: its application scripts are stop_both and start_both.
+    let seen2 = settled_hooks(&node2, "start_second WAIT SECOND start");
+    node2.safekit_ok(&format!("restart -m {MODULE}"));
+    expect_hooks(
+        &node2,
+        seen2,
+        &[
+            "stop_both SECOND SECOND restart",
+            "start_both SECOND SECOND restart",
+        ],
+    );
+    assert_eq!(node2.state(), SECOND);
+    assert_eq!(node1.state(), PRIM);
+}

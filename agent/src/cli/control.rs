@@ -117,7 +117,7 @@ pub enum AgentCommand {
     Stop(ModuleArg),
     /// Stop, running stop_prim with `force`, for when a plain stop has no effect.
     Forcestop(ModuleArg),
-    /// Restart the application scripts (stop_prim; start_prim); the state is kept.
+    /// Restart the application scripts (PRIM/ALONE: stop_prim, stop_both, start_both, start_prim; SECOND: stop_both, start_both); the state is kept.
     Restart(ModuleArg),
     /// Exchange the PRIM and SECOND roles.
     Swap(ModuleArg),
@@ -158,6 +158,12 @@ pub enum AgentCommand {
     Level(super::level::LevelArgs),
     /// Validate SAFE/modules/M/conf/userconfig.xml as `config -m M` would, without applying it.
     Confcheck(super::apply::ConfcheckArgs),
+    /// Block until the module's start has completed (ALONE, PRIM, SECOND, UP Ready, or WAIT); -t SECONDS: exit 1 on timeout.
+    Waitstart(super::wait::WaitArgs),
+    /// Block until the module is STOP; -t SECONDS: exit 1 on timeout.
+    Waitstop(super::wait::WaitArgs),
+    /// Block until the module is in one of the STATEs (comma-separated), stable; -t SECONDS: exit 1 on timeout.
+    Waitstate(super::wait::WaitStateArgs),
 }
 
 fn safevar() -> PathBuf {
@@ -262,6 +268,9 @@ pub fn run(command: AgentCommand) -> ExitCode {
         AgentCommand::Cluster(ClusterCommand::Config { file }) => {
             super::apply::cluster_config(file.as_deref())
         }
+        AgentCommand::Waitstart(args) => super::wait::waitstart(&args),
+        AgentCommand::Waitstop(args) => super::wait::waitstop(&args),
+        AgentCommand::Waitstate(args) => super::wait::waitstate(&args),
     }
 }
 

@@ -8,3 +8,4 @@ pub mod module;
 pub mod remote;
 pub mod resource;
 pub mod snapshot;
+pub mod wait;

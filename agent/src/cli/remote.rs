@@ -9,7 +9,8 @@
 //! through each node's web service ([`crate::remote_admin`]).
 //!
 //! Remote verbs: the control verbs, `state` (with `-v`, `-l`, and `-q` for a
-//! single node), `log`, `module list`, `get`. The others act on the files or
+//! single node), `log`, `module list`, `get`, `waitstart`, `waitstop`,
+//! `waitstate` (client-side loops over `state`). The others act on the files or
 //! the log of the node they run on (`printe`, `set`, `module install`,
 //! `config`, `boot`, `cluster`...) or mix local facts in their output
 //! (`level`) and are refused with `-H`, saying why.
@@ -110,7 +111,10 @@ fn remote_support(command: &AgentCommand) -> Result<(), String> {
         | AgentCommand::State(_)
         | AgentCommand::Get(_)
         | AgentCommand::Log(_)
-        | AgentCommand::Module(ModuleCommand::List) => Ok(()),
+        | AgentCommand::Module(ModuleCommand::List)
+        | AgentCommand::Waitstart(_)
+        | AgentCommand::Waitstop(_)
+        | AgentCommand::Waitstate(_) => Ok(()),
         AgentCommand::Printe(_) | AgentCommand::Printw(_) | AgentCommand::Printi(_) => Err(
             "printe, printw and printi write to the log of the node they run on, for its scripts: run them without -H".into(),
         ),

@@ -22,6 +22,10 @@
 //!   ([`scripts::transition_hooks`]: `transition`, `start_/stop_both`,
 //!   `_sec`, `_second`, `poststop`), ahead of the same batch's `start_prim`;
 //!   `prestart` runs (awaited) before a start verb reaches the machine.
+//! - `restart` ([`scripts::restart_hooks`]): on ALONE/PRIM the machine's
+//!   stop_prim;start_prim, with stop_both;start_both queued between them; on
+//!   SECOND stop_both;start_both only (the runner answers, state kept); all
+//!   with the arguments `<state> <state> restart`.
 //! - `TakeVip`/`ReleaseVip` use netlink ([`crate::vip`]) on the interface
 //!   named in the config or else the one whose subnet holds the address, and
 //!   gratuitous ARP ([`crate::arp`]) when `arpreroute="on"`: a burst at once,
@@ -211,6 +215,9 @@ pub struct Runner {
     script_queue: ScriptQueue,
     /// The stop under way is a `forcestop`: stop hooks get `force` at once.
     forced_stop: bool,
+    /// A `restart` is under way: stop_prim/start_prim get `<state> <state>
+    /// restart`, and stop_both/start_both run between them.
+    restarting: bool,
     /// Bumped when the checkers are replaced (configuration applied): older probes end.
     checker_generation: Arc<std::sync::atomic::AtomicU64>,
     /// A `second` waiting for the peer's next heartbeat ([`Runner::second_needs_fresh_peer_state`]).
@@ -286,6 +293,7 @@ impl Runner {
             start_after_stop: None,
             script_queue: ScriptQueue::spawn(),
             forced_stop: false,
+            restarting: false,
             checker_generation: Arc::default(),
             deferred_second: None,
             custom_programs: crate::checkers::custom::CustomPrograms::default(),
@@ -505,6 +513,12 @@ impl Runner {
         if let Err(reason) = self.prestart(command).await {
             return AdminResponse::Refused { reason };
         }
+        if command == Command::Restart
+            && let Some(response) = self.restart_second()
+        {
+            return response;
+        }
+        self.restarting = command == Command::Restart;
         if verb == Verb::StopStart && command == Command::Stop {
             self.start_after_stop = Some(caller.to_string());
         }
@@ -517,6 +531,9 @@ impl Runner {
         );
         let mut refusal = None;
         self.execute(actions, Some(&mut refusal)).await;
+        if refusal.is_some() {
+            self.restarting = false;
+        }
         match refusal {
             Some(reason) => {
                 if verb == Verb::StopStart {
@@ -723,6 +740,10 @@ impl Runner {
             _ => None,
         });
         for action in actions {
+            if matches!(action, Action::StateChanged { .. }) {
+                // A restart keeps the state: a change means it was overtaken.
+                self.restarting = false;
+            }
             if matches!(action, Action::RunScript(_) | Action::StateChanged { .. }) {
                 for hook in hooks.drain(..) {
                     self.queue_hook(hook, None);
@@ -757,6 +778,9 @@ impl Runner {
                         self.leftovers.application_starting(state.name()).await;
                     }
                     self.spawn_script(script, change);
+                    if script == Script::StartPrim {
+                        self.restarting = false;
+                    }
                 }
                 Action::TakeVip => self.take_vip().await,
                 Action::ReleaseVip => self.release_vip().await,
@@ -1005,6 +1029,7 @@ impl Runner {
             if decision.then_start {
                 self.start_after_stop = Some(decision.caller.clone());
             }
+            self.restarting = command == Command::Restart;
             let actions = self.machine.handle(
                 self.now(),
                 Event::Command {
@@ -1016,6 +1041,7 @@ impl Runner {
             self.execute(actions, Some(&mut refusal)).await;
             if refusal.is_some() {
                 self.start_after_stop = None;
+                self.restarting = false;
             }
         }
     }
@@ -1048,6 +1074,33 @@ impl Runner {
         self.execute(actions, None).await;
     }
 
+    /// `restart` on SECOND: SafeKit runs stop_both;start_both there (the
+    /// application scripts of a SECOND). `None` when this node is not SECOND
+    /// or has neither script: the machine then answers (it refuses a restart
+    /// where the application does not run).
+    fn restart_second(&self) -> Option<AdminResponse> {
+        let state = self.machine.state();
+        if !matches!(state, State::Second(_)) || !self.scripts_enabled {
+            return None;
+        }
+        let hooks = scripts::restart_hooks(state.name());
+        if !hooks
+            .iter()
+            .any(|hook| self.script_env.userbin.join(hook.name).exists())
+        {
+            return None;
+        }
+        for hook in hooks {
+            self.queue_hook(hook, None);
+        }
+        Some(AdminResponse::Ok {
+            message: format!(
+                "restart {}: stop_both and start_both queued, state kept ({state})",
+                self.setup.name
+            ),
+        })
+    }
+
     /// Runs `start_prim` or `stop_prim` through the script queue (a forced
     /// `stop_prim` at once: it must be able to interrupt a hung graceful one);
     /// the outcome comes back as [`RunnerEvent::ScriptFinished`]. `change` is
@@ -1060,7 +1113,31 @@ impl Runner {
         } else {
             "stop"
         };
+        let restart_hooks = match script {
+            Script::StartPrim if self.restarting => scripts::restart_hooks(state.name()),
+            _ => Vec::new(),
+        };
         let (name, force, action, current, next, timeout) = match script {
+            Script::StartPrim if self.restarting => (
+                "start_prim",
+                false,
+                scripts::RESTART_ACTION,
+                state,
+                state,
+                timeouts.start,
+            ),
+            Script::StopPrim { force } if self.restarting => (
+                "stop_prim",
+                force,
+                scripts::RESTART_ACTION,
+                state,
+                state,
+                if force {
+                    timeouts.force_stop
+                } else {
+                    timeouts.nice_stop
+                },
+            ),
             Script::StartPrim => {
                 let (current, next) = change.unwrap_or((state, state));
                 ("start_prim", false, "start", current, next, timeouts.start)
@@ -1078,6 +1155,10 @@ impl Runner {
                 },
             ),
         };
+        // stop_both;start_both, queued before start_prim (the queue keeps the order).
+        for hook in restart_hooks {
+            self.queue_hook(hook, None);
+        }
         let events = self.events.clone();
         if !self.scripts_enabled {
             tracing::debug!(
