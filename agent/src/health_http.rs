@@ -17,6 +17,11 @@
 //! (`POST /safekit/admin/...`, see [`crate::remote_admin`]): requests signed
 //! with the cluster secret, as SafeKit sends its distributed commands through
 //! its web service.
+//!
+//! Anyone on the network can connect, so the listener bounds what a client
+//! can hold: at most 64 connections at once (more are closed at once,
+//! logged at most every 10 s) and one deadline, 10 s after connecting, for
+//! the whole request (head and body).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
@@ -25,7 +30,10 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
 
+use crate::daemon::heartbeat::RateLimit;
 use crate::daemon::runner::Registry;
 use crate::remote_admin::{self, RemoteAdmin};
 
@@ -35,8 +43,10 @@ pub const DEFAULT_PORT: u16 = 9010;
 const MAX_REQUEST: usize = 8192;
 /// How often binding is retried when an address is not there yet.
 const BIND_RETRY: Duration = Duration::from_secs(5);
-/// A client that sends nothing for this long is dropped.
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// How many connections are served at once; beyond, new ones are closed at once.
+const MAX_CONNECTIONS: usize = 64;
+/// A client must have sent its whole request (head and body) this long after connecting.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
 /// A client that does not take the answer for this long is dropped.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -86,6 +96,18 @@ fn parse_config(text: &str, node_addrs: &[IpAddr]) -> Result<HealthConfig, Strin
     Ok(HealthConfig { port, addrs })
 }
 
+/// What bounds the listener's use of memory: connections at once, time to send a request.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    connections: usize,
+    deadline: Duration,
+}
+
+const LIMITS: Limits = Limits {
+    connections: MAX_CONNECTIONS,
+    deadline: REQUEST_DEADLINE,
+};
+
 /// Binds every configured address and serves until the runtime ends;
 /// `remote` serves `safekit -H` (without it, its routes answer 503).
 ///
@@ -101,21 +123,50 @@ pub async fn serve(
         let listener = TcpListener::bind(SocketAddr::new(*addr, config.port)).await?;
         listeners.push(listener);
     }
+    serve_listeners(listeners, registry, remote, LIMITS);
+    Ok(())
+}
+
+/// Serves bound `listeners`; at most `limits.connections` connections at once, over all of them.
+fn serve_listeners(
+    listeners: Vec<TcpListener>,
+    registry: Arc<Registry>,
+    remote: Option<Arc<RemoteAdmin>>,
+    limits: Limits,
+) {
+    let slots = Arc::new(Semaphore::new(limits.connections));
     for listener in listeners {
         let registry = Arc::clone(&registry);
         let remote = remote.clone();
+        let slots = Arc::clone(&slots);
         tokio::spawn(async move {
+            let mut warn = RateLimit::default();
             loop {
                 match listener.accept().await {
                     Ok((stream, client)) => {
+                        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+                            // Closed at once: a flood of connections cannot hold memory.
+                            drop(stream);
+                            if let Some(suppressed) = warn.allow() {
+                                tracing::warn!(
+                                    %client,
+                                    limit = limits.connections,
+                                    suppressed,
+                                    "web service (9010): too many connections, connection closed"
+                                );
+                            }
+                            continue;
+                        };
                         let registry = Arc::clone(&registry);
                         let remote = remote.clone();
                         tokio::spawn(async move {
+                            let deadline = Instant::now() + limits.deadline;
                             if let Err(error) =
-                                answer(stream, client, &registry, remote.as_deref()).await
+                                answer(stream, client, &registry, remote.as_deref(), deadline).await
                             {
                                 tracing::debug!(%error, "health check connection");
                             }
+                            drop(permit);
                         });
                     }
                     Err(error) => {
@@ -126,7 +177,6 @@ pub async fn serve(
             }
         });
     }
-    Ok(())
 }
 
 /// Starts the listener for the daemon of `node`: reads `SAFE/web/conf/httpd.conf`
@@ -198,11 +248,12 @@ async fn answer(
     client: SocketAddr,
     registry: &Registry,
     remote: Option<&RemoteAdmin>,
+    deadline: Instant,
 ) -> std::io::Result<()> {
     let mut request = Vec::new();
     let mut buffer = [0u8; 1024];
     while !request.windows(4).any(|window| window == b"\r\n\r\n") {
-        let read = read_some(&mut stream, &mut buffer).await?;
+        let read = read_some(&mut stream, &mut buffer, deadline).await?;
         if read == 0 {
             break;
         }
@@ -220,8 +271,16 @@ async fn answer(
     if let (Some(method), Some(path)) = (words.next(), words.next())
         && path.starts_with(remote_admin::ROUTE_PREFIX)
     {
-        let answer =
-            admin_route(&mut stream, client, registry, remote, method, path, request).await?;
+        let answer = admin_route(
+            &mut stream,
+            client,
+            registry,
+            remote,
+            (method, path),
+            request,
+            deadline,
+        )
+        .await?;
         let head = format!(
             "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n",
             answer.status,
@@ -252,13 +311,22 @@ async fn answer(
     if !head {
         response.push_str(&body);
     }
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
+    let write = async {
+        stream.write_all(response.as_bytes()).await?;
+        stream.shutdown().await
+    };
+    tokio::time::timeout(WRITE_TIMEOUT, write)
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
 }
 
-/// One read, bounded by [`READ_TIMEOUT`].
-async fn read_some(stream: &mut TcpStream, buffer: &mut [u8]) -> std::io::Result<usize> {
-    tokio::time::timeout(READ_TIMEOUT, stream.read(buffer))
+/// One read, given up at `deadline` (one deadline for the whole request, not per read).
+async fn read_some(
+    stream: &mut TcpStream,
+    buffer: &mut [u8],
+    deadline: Instant,
+) -> std::io::Result<usize> {
+    tokio::time::timeout_at(deadline, stream.read(buffer))
         .await
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
 }
@@ -285,9 +353,9 @@ async fn admin_route(
     client: SocketAddr,
     registry: &Registry,
     remote: Option<&RemoteAdmin>,
-    method: &str,
-    path: &str,
+    (method, path): (&str, &str),
     received: Vec<u8>,
+    deadline: Instant,
 ) -> std::io::Result<remote_admin::HttpAnswer> {
     let text = |status: u16, message: &str| remote_admin::HttpAnswer {
         status,
@@ -322,7 +390,7 @@ async fn admin_route(
     let mut body = received.get(head_end + 4..).unwrap_or_default().to_vec();
     let mut buffer = [0u8; 4096];
     while body.len() < length {
-        let read = read_some(stream, &mut buffer).await?;
+        let read = read_some(stream, &mut buffer, deadline).await?;
         if read == 0 {
             return Ok(text(400, "request body shorter than its Content-Length"));
         }
@@ -410,6 +478,95 @@ mod tests {
         assert_eq!(respond("garbage", states).0, 400);
         let (status, _, head) = respond("HEAD /var/modules/prim/ready.txt HTTP/1.1", states);
         assert_eq!((status, head), (200, true));
+    }
+
+    /// A listener on loopback with `limits`; its address.
+    async fn listen(limits: Limits) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        serve_listeners(vec![listener], Arc::new(Registry::default()), None, limits);
+        addr
+    }
+
+    /// Sends a ready.txt request; the answer, empty when the connection was closed without one.
+    async fn ask_ready(addr: SocketAddr) -> String {
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        // The server may close first (connection refused by the cap): errors mean no answer.
+        let _ = stream
+            .write_all(b"GET /var/modules/m/ready.txt HTTP/1.1\r\n\r\n")
+            .await;
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer).await;
+        String::from_utf8_lossy(&answer).into_owned()
+    }
+
+    #[tokio::test]
+    async fn a_slow_client_is_dropped_at_the_deadline() {
+        let addr = listen(Limits {
+            connections: 4,
+            deadline: Duration::from_millis(500),
+        })
+        .await;
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        // One byte per 100 ms, each read resetting no timer: a request that
+        // would take 100 s to arrive is cut off at the deadline.
+        let request = format!(
+            "GET /var/modules/m/ready.txt?{} HTTP/1.1\r\n\r\n",
+            "x".repeat(1000)
+        );
+        let mut sent = 0;
+        let mut closed = false;
+        for byte in request.as_bytes() {
+            if stream.write_all(&[*byte]).await.is_err() {
+                closed = true;
+                break;
+            }
+            sent += 1;
+            let mut probe = [0u8; 256];
+            match tokio::time::timeout(Duration::from_millis(100), stream.read(&mut probe)).await {
+                Err(_) => {} // Nothing from the server yet: go on.
+                Ok(Ok(0) | Err(_)) => {
+                    closed = true;
+                    break;
+                }
+                Ok(Ok(_)) => panic!("the server answered an incomplete request"),
+            }
+        }
+        assert!(
+            closed,
+            "the server kept the connection for the whole request"
+        );
+        assert!(sent < request.len(), "sent {sent} of {}", request.len());
+        // The listener still serves.
+        assert!(ask_ready(addr).await.starts_with("HTTP/1.1 404"));
+    }
+
+    #[tokio::test]
+    async fn connections_past_the_cap_are_closed_until_slots_free() {
+        let addr = listen(Limits {
+            connections: 2,
+            deadline: Duration::from_secs(600),
+        })
+        .await;
+        // Two idle clients take both slots.
+        let idle = [
+            TcpStream::connect(addr).await.expect("connect"),
+            TcpStream::connect(addr).await.expect("connect"),
+        ];
+        let refused = ask_ready(addr).await;
+        assert_eq!(refused, "", "a connection past the cap was served");
+        drop(idle);
+        // Once the idle clients are gone their slots come back (the server
+        // notices the close on its own schedule: ask until it answers).
+        let mut answer = String::new();
+        for _ in 0..100 {
+            answer = ask_ready(addr).await;
+            if !answer.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(answer.starts_with("HTTP/1.1 404"), "{answer:?}");
     }
 
     #[test]

@@ -232,8 +232,9 @@ pub fn read(path: &Path) -> Result<Option<Vec<u8>>, PersistError> {
 /// ([`LeftoverRecord::is_empty`]) is what a clean stop leaves.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LeftoverRecord {
-    /// `Some(state)` from just before `start_prim` runs until a `stop_prim`
-    /// succeeds: the application may be running, started in `state` (`PRIM`, `ALONE`).
+    /// `Some(state)` from just before a start hook (`start_both`, `start_sec`,
+    /// `start_second`, `start_prim`) runs until the stop hooks succeeded: what
+    /// the hooks started may be running, in `state` (`PRIM`, `ALONE`, `SECOND`).
     pub application: Option<String>,
     /// The kernel's boot id (`/proc/sys/kernel/random/boot_id`) when written:
     /// process ids of another boot mean nothing.

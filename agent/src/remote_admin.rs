@@ -35,6 +35,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::admin_socket::PeerCredentials;
+use crate::daemon::heartbeat::RateLimit;
 use crate::daemon::runner::{Registry, RunnerEvent};
 
 /// The route that grants nonces.
@@ -153,10 +154,20 @@ impl HttpAnswer {
 }
 
 /// The server end: this node's secret and the nonces it granted.
-#[derive(Debug)]
 pub struct RemoteAdmin {
     secret: Vec<u8>,
     nonces: Mutex<NonceTable>,
+    /// Refusals are logged at most once per interval: unauthenticated senders cannot flood the log.
+    refusals: Mutex<RateLimit>,
+}
+
+impl std::fmt::Debug for RemoteAdmin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The secret is never printed.
+        f.debug_struct("RemoteAdmin")
+            .field("nonces", &self.nonces)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A request whose nonce and MAC were accepted.
@@ -176,6 +187,7 @@ impl RemoteAdmin {
         RemoteAdmin {
             secret,
             nonces: Mutex::new(NonceTable::default()),
+            refusals: Mutex::new(RateLimit::default()),
         }
     }
 
@@ -226,7 +238,14 @@ impl RemoteAdmin {
                 let accepted = match self.authenticate(Instant::now(), body) {
                     Ok(accepted) => accepted,
                     Err(error) => {
-                        tracing::warn!(%client, reason = %error, "remote admin request refused (nothing executed)");
+                        let report = self
+                            .refusals
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .allow();
+                        if let Some(suppressed) = report {
+                            tracing::warn!(%client, reason = %error, suppressed, "remote admin request refused (nothing executed)");
+                        }
                         return match error {
                             RefusalError::Frame(_) => HttpAnswer::text(400, error),
                             RefusalError::Nonce(_) => HttpAnswer::text(403, error),
@@ -669,12 +688,21 @@ fn parse_http_answer(answer: &[u8]) -> Option<(u16, Vec<u8>)> {
 }
 
 /// The node the `safekit` command currently sends to, and the secret to sign with.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ClientContext {
     /// The node.
     pub target: Target,
     /// This machine's cluster secret.
     pub secret: Vec<u8>,
+}
+
+impl std::fmt::Debug for ClientContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The secret is never printed.
+        f.debug_struct("ClientContext")
+            .field("target", &self.target)
+            .finish_non_exhaustive()
+    }
 }
 
 thread_local! {
@@ -779,6 +807,35 @@ mod tests {
         ));
         // The genuine request still works: garbage did not consume its nonce.
         assert!(server.authenticate(now, &bytes).is_ok());
+    }
+
+    #[test]
+    fn debug_output_never_shows_the_secret() {
+        let secret = "s3cr3t-cluster-key-that-must-not-leak";
+        let server = RemoteAdmin::new(secret.as_bytes().to_vec());
+        let context = ClientContext {
+            target: Target {
+                name: Some("node2".into()),
+                host: "10.0.0.2".into(),
+                port: 9010,
+                explicit_port: false,
+            },
+            secret: secret.as_bytes().to_vec(),
+        };
+        // Debug of a Vec<u8> prints its bytes as numbers: look for those too.
+        let as_numbers = format!("{:?}", secret.as_bytes());
+        let as_numbers = as_numbers.trim_matches(['[', ']']);
+        for shown in [
+            format!("{server:?}"),
+            format!("{server:#?}"),
+            format!("{context:?}"),
+            format!("{context:#?}"),
+        ] {
+            assert!(!shown.contains(secret), "{shown}");
+            assert!(!shown.contains(as_numbers), "{shown}");
+            assert!(!shown.contains("secret"), "{shown}");
+        }
+        assert!(format!("{context:?}").contains("10.0.0.2"));
     }
 
     #[test]

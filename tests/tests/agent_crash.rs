@@ -4,13 +4,15 @@
 //! started by `start_prim`, the virtual IP and the custom checker's program
 //! running. The next agent must clean them up before the module can start
 //! again, so that a node that becomes SECOND never keeps a stale application
-//! writing or answering on the virtual IP. The binaries must be built first:
+//! writing or answering on the virtual IP: also what a SECOND's own hooks
+//! started, and for a module the new agent refuses to start. A start whose
+//! record cannot be written is refused. The binaries must be built first:
 //! `cargo build -p safekit-agent --bins` (same target directory).
 
 use std::net::Ipv4Addr;
 
 use safekit_tests::agents::{
-    ALONE, AgentNode, ModuleSpec, PRIM, SECOND, first_start, wait_client_reaches,
+    ALONE, AgentNode, ModuleSpec, PRIM, SECOND, STOP, first_start, wait_client_reaches,
 };
 use safekit_tests::{Cluster, Node, require_root};
 
@@ -221,4 +223,158 @@ fn a_clean_stop_leaves_nothing_for_the_next_agent_to_clean_up() {
     let calls_after = std::fs::read_to_string(node1.module_var_dir().join("stop_prim.calls"))
         .expect("stop_prim calls");
     assert_eq!(calls_before, calls_after, "no stop_prim after a clean stop");
+}
+
+/// A SECOND's own hook starts a program (a cache warmer, say) and writes its pid.
+const START_SECOND: &str = r#"#!/bin/sh
+setsid sleep 1000 >/dev/null 2>&1 </dev/null &
+echo $! > "$SAFEUSERVAR/second.pid"
+exit 0
+"#;
+
+/// Stops the SECOND's program and records the call.
+const STOP_SECOND: &str = r#"#!/bin/sh
+PIDFILE="$SAFEUSERVAR/second.pid"
+[ -f "$PIDFILE" ] && kill -9 "$(cat "$PIDFILE")" 2>/dev/null
+rm -f "$PIDFILE"
+echo "stop_second $*" >> "$SAFEUSERVAR/stop_second.calls"
+exit 0
+"#;
+
+#[test]
+fn a_restarted_agent_stops_what_the_start_second_hook_of_its_predecessor_started() {
+    if !require_root() {
+        return;
+    }
+    let cluster = Cluster::builder()
+        .nodes(2)
+        .client(true)
+        .build()
+        .expect("build the cluster");
+    let vip = cluster.spare_addr(0, 0);
+    let ([node1, node2], [_agent1, agent2]) = module(vip)
+        .script("start_second", START_SECOND)
+        .script("stop_second", STOP_SECOND)
+        .start_on(&cluster);
+
+    // Given node2 SECOND, with the program its start_second hook started.
+    first_start(&node1, &node2);
+    let program = pid_from(&node2, "second.pid");
+    assert!(alive(node2.node(), program));
+
+    // When node2's agent is killed, the program survives it.
+    agent2.kill();
+    assert!(
+        alive(node2.node(), program),
+        "the program survives the agent"
+    );
+
+    // Then the restarted agent runs stop_second force, not stop_prim.
+    let _agent2 = node2.start_agent();
+    node2.wait_for("the clean-up to finish", || {
+        node2
+            .module_log()
+            .contains("Clean-up after the agent's crash done")
+    });
+    let log = node2.module_log();
+    assert!(
+        log.contains("the agent stopped without stopping the application: cleaning up"),
+        "{log}"
+    );
+    let calls = std::fs::read_to_string(node2.module_var_dir().join("stop_second.calls"))
+        .expect("stop_second ran");
+    assert!(
+        calls.contains("stop_second force SECOND STOP stop"),
+        "{calls}"
+    );
+    assert!(!alive(node2.node(), program), "the stale program is gone");
+    assert!(
+        !node2.module_var_dir().join("stop_prim.calls").exists(),
+        "a SECOND ran no application: no stop_prim"
+    );
+    node1.wait_state(ALONE);
+}
+
+#[test]
+fn a_module_the_restarted_agent_refuses_is_cleaned_up_all_the_same() {
+    if !require_root() {
+        return;
+    }
+    let cluster = Cluster::builder()
+        .nodes(2)
+        .client(true)
+        .build()
+        .expect("build the cluster");
+    let vip = cluster.spare_addr(0, 0);
+    let ([node1, node2], [agent1, _agent2]) = module(vip).start_on(&cluster);
+    first_start(&node1, &node2);
+    wait_client_reaches(cluster.client(), vip, "node1");
+    let app_pid = pid_from(&node1, "app.pid");
+
+    // node1's agent is killed, and its module's configuration broken meanwhile.
+    agent1.kill();
+    node2.wait_state(ALONE);
+    let userconfig = node1
+        .safe_dir()
+        .join("modules")
+        .join(MODULE)
+        .join("conf")
+        .join("userconfig.xml");
+    std::fs::write(&userconfig, "<safe><service mode=\"nonsense\">").expect("break userconfig");
+
+    // The new agent refuses the module but still stops what the old one left.
+    let _agent1 = node1.start_agent();
+    node1.wait_for("the clean-up to finish", || {
+        node1
+            .module_log()
+            .contains("Clean-up after the agent's crash done")
+    });
+    let log = node1.module_log();
+    assert!(log.contains("Invalid configuration"), "{log}");
+    let calls = std::fs::read_to_string(node1.module_var_dir().join("stop_prim.calls"))
+        .expect("stop_prim ran");
+    assert!(calls.contains("stop_prim force PRIM STOP stop"), "{calls}");
+    assert!(
+        !alive(node1.node(), app_pid),
+        "the stale application is gone"
+    );
+    assert!(!holds(node1.node(), vip), "node1 no longer holds the VIP");
+    wait_client_reaches(cluster.client(), vip, "node2");
+}
+
+#[test]
+fn a_start_that_cannot_be_recorded_is_refused_and_runs_nothing() {
+    if !require_root() {
+        return;
+    }
+    let cluster = Cluster::builder()
+        .nodes(2)
+        .client(true)
+        .build()
+        .expect("build the cluster");
+    let vip = cluster.spare_addr(0, 0);
+    let ([node1, _node2], [_agent1, _agent2]) = module(vip).start_on(&cluster);
+
+    // The record cannot be written: its path is a directory that is not empty.
+    let record = node1.module_var_dir().join("leftovers");
+    std::fs::create_dir_all(record.join("blocker")).expect("block the record");
+
+    let output = node1.safekit(&format!("prim -m {MODULE}"));
+    node1.wait_for("the start to be refused", || {
+        node1
+            .module_log()
+            .contains("cannot record what the module runs")
+    });
+    node1.wait_state(STOP);
+    let answer = format!("{}{}", output.stdout, output.stderr);
+    assert!(
+        answer.contains("cannot record what the module runs") && answer.contains("start refused"),
+        "the command's answer says why: {answer}"
+    );
+    assert!(
+        !node1.module_var_dir().join("app.pid").exists(),
+        "start_prim did not run"
+    );
+    assert!(!holds(node1.node(), vip), "no VIP left behind");
+    std::fs::remove_dir_all(&record).expect("unblock the record");
 }

@@ -22,7 +22,6 @@
 //! `safekit set`, decisions through the checker set and the core's rules.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::OpenOptions;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -30,6 +29,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use safekit_core::cluster::State;
+use tokio::fs::OpenOptions;
 
 use super::{CheckerSpec, Probe};
 use crate::daemon::leftovers::Recorder;
@@ -164,7 +164,7 @@ async fn supervise(resource: String, exec: String, args: Vec<String>, context: P
     loop {
         let started = Instant::now();
         let mut guard = GroupGuard(None, context.leftovers.clone());
-        let outcome = match spawn(&path, &args, &context) {
+        let outcome = match spawn(&path, &args, &context).await {
             Ok(mut child) => {
                 guard.0 = child
                     .id()
@@ -203,15 +203,19 @@ async fn supervise(resource: String, exec: String, args: Vec<String>, context: P
     }
 }
 
-fn spawn(
+async fn spawn(
     path: &std::path::Path,
     args: &[String],
     context: &ProgramContext,
 ) -> std::io::Result<tokio::process::Child> {
+    // Opened off the runtime's threads (a slow disk must not stall the agent).
     let output = OpenOptions::new()
         .create(true)
         .append(true)
-        .open(&context.applog.path)?;
+        .open(&context.applog.path)
+        .await?
+        .into_std()
+        .await;
     let errors = output.try_clone()?;
     tokio::process::Command::new(path)
         .args(args)

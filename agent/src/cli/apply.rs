@@ -87,6 +87,16 @@ pub fn run_config(args: &ConfigArgs) -> anyhow::Result<ExitCode> {
 /// # Errors
 /// A one-line reason when the module does not exist or a file cannot be read.
 pub fn check_module(paths: &NodePaths, module: &str) -> Result<(String, bool), String> {
+    let cluster_xml = paths.var.join("cluster").join("cluster.xml");
+    check_module_with(paths, module, cluster_xml.is_file().then_some(cluster_xml))
+}
+
+/// [`check_module`] against the cluster.xml `cluster` (none: no cluster check).
+fn check_module_with(
+    paths: &NodePaths,
+    module: &str,
+    cluster: Option<PathBuf>,
+) -> Result<(String, bool), String> {
     let dir = paths.modules().join(module);
     if !dir.join("conf").join("userconfig.xml").is_file() {
         return Err(format!(
@@ -95,10 +105,9 @@ pub fn check_module(paths: &NodePaths, module: &str) -> Result<(String, bool), S
         ));
     }
     let id = load::module_id_of(paths, module).map_or(1, ModuleId::get);
-    let cluster_xml = paths.var.join("cluster").join("cluster.xml");
     let report = config_check::run(&ConfigCheckArgs {
         path: dir,
-        cluster: cluster_xml.is_file().then_some(cluster_xml),
+        cluster,
         id,
         platform: Some(PlatformArg::Linux),
     })
@@ -205,9 +214,55 @@ pub fn install_atomically(target: &Path, bytes: &[u8]) -> Result<(), String> {
         .map_err(|error| format!("sync {}: {error}", dir.display()))
 }
 
+/// The modules installed on this node (folders of SAFE/modules with a conf/userconfig.xml).
+fn installed_modules(paths: &NodePaths) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(paths.modules())
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter(|entry| entry.path().join("conf").join("userconfig.xml").is_file())
+                .filter_map(|entry| entry.file_name().to_str().map(str::to_string))
+                .filter(|name| !name.starts_with('.'))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// Every installed module's errors with the candidate cluster.xml `candidate` (empty: all valid).
+fn module_errors_with(paths: &NodePaths, candidate: &Path) -> Vec<String> {
+    let mut errors = Vec::new();
+    for module in installed_modules(paths) {
+        match check_module_with(paths, &module, Some(candidate.to_path_buf())) {
+            Ok((_, false)) => {}
+            Ok((report, true)) => errors.push(format!(
+                "module {module} is not valid with {}:\n{}",
+                candidate.display(),
+                report.trim_end()
+            )),
+            Err(error) => errors.push(format!("module {module}: {error}")),
+        }
+    }
+    errors
+}
+
+/// Puts `previous` back as `installed` (none: there was no file, it is removed).
+fn restore(installed: &Path, previous: Option<&[u8]>) -> Result<(), String> {
+    match previous {
+        Some(bytes) => install_atomically(installed, bytes),
+        None => std::fs::remove_file(installed)
+            .map_err(|error| format!("remove {}: {error}", installed.display())),
+    }
+}
+
 /// Runs `safekit cluster config [FILE]`.
 pub fn cluster_config(file: Option<&Path>) -> ExitCode {
     let paths = super::module::node_paths();
+    cluster_config_at(&paths, file)
+}
+
+fn cluster_config_at(paths: &NodePaths, file: Option<&Path>) -> ExitCode {
     let installed = paths.var.join("cluster").join("cluster.xml");
     let source: PathBuf = file.map_or_else(|| installed.clone(), Path::to_path_buf);
     let text = match std::fs::read_to_string(&source) {
@@ -226,6 +281,19 @@ pub fn cluster_config(file: Option<&Path>) -> ExitCode {
         }
         return fail(format_args!(
             "cluster config: {} refused ({} error(s)); {} is unchanged",
+            source.display(),
+            errors.len(),
+            installed.display()
+        ));
+    }
+    // Every module must accept the candidate (as the agent will check): nothing is installed otherwise.
+    let errors = module_errors_with(paths, &source);
+    if !errors.is_empty() {
+        for error in &errors {
+            eprintln!("{error}");
+        }
+        return fail(format_args!(
+            "cluster config: {} refused: {} module(s) not valid with it; {} is unchanged",
             source.display(),
             errors.len(),
             installed.display()
@@ -258,6 +326,17 @@ pub fn cluster_config(file: Option<&Path>) -> ExitCode {
         Err(_) => false,
     };
     let same_file = std::fs::canonicalize(&source).ok() == std::fs::canonicalize(&installed).ok();
+    // A copy of the file in force, put back if the agent refuses the new one.
+    let previous = match std::fs::read(&installed) {
+        Ok(bytes) => Some(bytes),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,
+        Err(error) => {
+            return fail(format_args!(
+                "cluster config: cannot read {}: {error}",
+                installed.display()
+            ));
+        }
+    };
     if !same_file {
         if let Err(error) = install_atomically(&installed, text.as_bytes()) {
             return fail(format_args!("cluster config: {error}"));
@@ -276,12 +355,48 @@ pub fn cluster_config(file: Option<&Path>) -> ExitCode {
             println!("{message}");
             ExitCode::SUCCESS
         }
-        Ok(AdminResponse::Refused { reason }) => fail(format_args!(
-            "cluster config: {reason} ({} is installed and is read at the next agent start)",
+        Ok(AdminResponse::Refused { reason }) => {
+            refused_by_agent(&installed, same_file, previous.as_deref(), &reason)
+        }
+        Ok(other) => refused_by_agent(
+            &installed,
+            same_file,
+            previous.as_deref(),
+            &format!("unexpected answer from the agent: {other:?}"),
+        ),
+        Err(error) => refused_by_agent(
+            &installed,
+            same_file,
+            previous.as_deref(),
+            &error.to_string(),
+        ),
+    }
+}
+
+/// The agent did not apply the new file: the previous one is put back, so
+/// that the installed file is the one the agent runs with.
+fn refused_by_agent(
+    installed: &Path,
+    same_file: bool,
+    previous: Option<&[u8]>,
+    reason: &str,
+) -> ExitCode {
+    if same_file {
+        // The operator edited the installed file in place: there is no other copy to put back.
+        return fail(format_args!(
+            "cluster config: {reason} (the agent still runs with its previous cluster configuration; {} is read at its next start)",
+            installed.display()
+        ));
+    }
+    match restore(installed, previous) {
+        Ok(()) => fail(format_args!(
+            "cluster config: {reason}; the previous {} is back in place",
             installed.display()
         )),
-        Ok(other) => fail(format_args!("unexpected answer from the agent: {other:?}")),
-        Err(error) => fail(format_args!("cluster config: {error}")),
+        Err(error) => fail(format_args!(
+            "cluster config: {reason}; and the previous file could not be put back ({error}): {} is the new file, read at the next agent start",
+            installed.display()
+        )),
     }
 }
 
@@ -306,6 +421,67 @@ mod tests {
             errors.iter().all(|error| error.starts_with("cluster.xml:")),
             "{errors:?}"
         );
+    }
+
+    #[test]
+    fn a_cluster_xml_dropping_a_lan_a_module_uses_is_refused_and_nothing_is_installed() {
+        let root = tempfile::tempdir().expect("temp dir");
+        let paths = NodePaths {
+            safe: root.path().join("safe"),
+            var: root.path().join("var"),
+        };
+        let in_force = r#"<cluster><lans>
+<lan name="default"><node name="node1" addr="10.0.0.1"/><node name="node2" addr="10.0.0.2"/></lan>
+<lan name="repli"><node name="node1" addr="10.0.1.1"/><node name="node2" addr="10.0.1.2"/></lan>
+</lans></cluster>"#;
+        let installed = paths.var.join("cluster").join("cluster.xml");
+        install_atomically(&installed, in_force.as_bytes()).expect("install cluster.xml");
+        let conf = paths.modules().join("mirror").join("conf");
+        std::fs::create_dir_all(&conf).expect("mkdir");
+        std::fs::write(
+            conf.join("userconfig.xml"),
+            r#"<safe><service mode="mirror"><heart><heartbeat name="default"/><heartbeat name="repli"/></heart></service></safe>"#,
+        )
+        .expect("userconfig.xml");
+        assert!(
+            module_errors_with(&paths, &installed).is_empty(),
+            "the module is valid with the file in force"
+        );
+        // The candidate is a valid cluster.xml by itself, but drops the LAN `repli` the module uses.
+        let candidate = root.path().join("new-cluster.xml");
+        std::fs::write(
+            &candidate,
+            r#"<cluster><lans><lan name="default"><node name="node1" addr="10.0.0.1"/><node name="node2" addr="10.0.0.2"/></lan></lans></cluster>"#,
+        )
+        .expect("candidate");
+        assert!(
+            cluster_errors(
+                "new-cluster.xml",
+                &std::fs::read_to_string(&candidate).expect("read")
+            )
+            .is_empty()
+        );
+        let errors = module_errors_with(&paths, &candidate);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].contains("module mirror"), "{errors:?}");
+        assert!(errors[0].contains("repli"), "{errors:?}");
+        // The command refuses before asking the agent anything, and leaves the file in force.
+        assert_eq!(
+            cluster_config_at(&paths, Some(&candidate)),
+            ExitCode::FAILURE
+        );
+        assert_eq!(std::fs::read_to_string(&installed).expect("read"), in_force);
+    }
+
+    #[test]
+    fn restoring_puts_the_previous_file_back_or_removes_a_new_one() {
+        let root = tempfile::tempdir().expect("temp dir");
+        let target = root.path().join("cluster").join("cluster.xml");
+        install_atomically(&target, b"new").expect("install");
+        restore(&target, Some(b"old")).expect("restore");
+        assert_eq!(std::fs::read(&target).expect("read"), b"old");
+        restore(&target, None).expect("remove");
+        assert!(!target.exists());
     }
 
     #[test]

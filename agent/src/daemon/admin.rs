@@ -42,7 +42,7 @@ pub async fn handle(
                 }
                 let mut status = handle.status.borrow().clone();
                 if verbose {
-                    let (_, boot) = registry.boot.decide(&handle.name);
+                    let (_, boot) = registry.boot.decide_off_runtime(&handle.name).await;
                     status.details.push(("usersetting.boot".into(), boot));
                 } else {
                     status.details.clear();
@@ -109,7 +109,7 @@ pub async fn handle(
             let Some(handle) = registry.modules.get(&module) else {
                 return unknown(registry, &module);
             };
-            let (_, boot) = registry.boot.decide(&module);
+            let (_, boot) = registry.boot.decide_off_runtime(&module).await;
             let user = caller_name(
                 &peer,
                 &Caller::Local {
@@ -220,13 +220,7 @@ async fn apply_config(registry: &Registry, caller: String, module: &str) -> Admi
         Ok(guard) => guard.clone(),
         Err(poisoned) => poisoned.into_inner().clone(),
     };
-    match super::load::reload_module(
-        &context.paths,
-        module,
-        &cluster,
-        &context.node,
-        &context.peer,
-    ) {
+    match reload_module_off_runtime(context, module, &cluster).await {
         Ok(setup) => reload_runner(handle, context, setup, caller).await,
         Err(errors) => refused(format!(
             "{} error(s), nothing applied: {}",
@@ -258,9 +252,12 @@ async fn apply_cluster_config(registry: &Registry, caller: String) -> AdminRespo
             running.join(", ")
         ));
     }
-    let cluster = match super::load::load_cluster(&context.paths) {
-        Ok(cluster) => cluster,
-        Err(error) => return refused(error.to_string().replace('\n', "; ")),
+    let paths = context.paths.clone();
+    let loaded = tokio::task::spawn_blocking(move || super::load::load_cluster(&paths)).await;
+    let cluster = match loaded {
+        Ok(Ok(cluster)) => cluster,
+        Ok(Err(error)) => return refused(error.to_string().replace('\n', "; ")),
+        Err(error) => return refused(format!("reading cluster.xml failed: {error}")),
     };
     match super::load::peer_of(&cluster, &context.node) {
         Ok(peer) if peer == context.peer => {}
@@ -275,15 +272,44 @@ async fn apply_cluster_config(registry: &Registry, caller: String) -> AdminRespo
     let mut setups = Vec::new();
     let mut errors = Vec::new();
     for name in registry.modules.keys() {
-        match super::load::reload_module(
-            &context.paths,
-            name,
-            &cluster,
-            &context.node,
-            &context.peer,
-        ) {
+        match reload_module_off_runtime(context, name, &cluster).await {
             Ok(setup) => setups.push(setup),
             Err(problems) => errors.push(format!("module {name}: {}", problems.join("; "))),
+        }
+    }
+    if !errors.is_empty() {
+        return refused(format!(
+            "with this cluster.xml, nothing applied: {}",
+            errors.join("; ")
+        ));
+    }
+    // Every runner is asked first (STOP, nothing that needs an agent restart):
+    // one refusal and none is changed.
+    for setup in &setups {
+        let Some(handle) = registry.modules.get(&setup.name) else {
+            continue;
+        };
+        if setup.config.service.rfs.is_some() && !cfg!(feature = "linux-datapath") {
+            errors.push(format!(
+                "module {}: <rfs> needs the data path: this agent was built without the `linux-datapath` feature",
+                setup.name
+            ));
+            continue;
+        }
+        let check = ask_runner(handle, |reply| RunnerEvent::CheckReload {
+            setup: Box::new(setup.clone()),
+            reply,
+        })
+        .await;
+        match check {
+            AdminResponse::Ok { .. } => {}
+            AdminResponse::Refused { reason } => {
+                errors.push(format!("module {}: {reason}", setup.name));
+            }
+            other => errors.push(format!(
+                "module {}: unexpected answer {other:?}",
+                setup.name
+            )),
         }
     }
     if !errors.is_empty() {
@@ -311,9 +337,12 @@ async fn apply_cluster_config(registry: &Registry, caller: String) -> AdminRespo
             }
         }
     }
-    match context.cluster.lock() {
-        Ok(mut guard) => *guard = cluster,
-        Err(poisoned) => *poisoned.into_inner() = cluster,
+    // The cluster.xml in force changes only when every module took it.
+    if !failed {
+        match context.cluster.lock() {
+            Ok(mut guard) => *guard = cluster,
+            Err(poisoned) => *poisoned.into_inner() = cluster,
+        }
     }
     let message = if results.is_empty() {
         "cluster configuration reloaded (no module)".to_string()
@@ -321,10 +350,36 @@ async fn apply_cluster_config(registry: &Registry, caller: String) -> AdminRespo
         format!("cluster configuration reloaded: {}", results.join("; "))
     };
     if failed {
-        refused(message)
+        // Only a module's config hook can fail here (every runner accepted the check above).
+        refused(format!(
+            "cluster configuration not applied to every module: {}; the agent keeps its previous cluster.xml: fix the cause and run safekit cluster config again",
+            results.join("; ")
+        ))
     } else {
         AdminResponse::Ok { message }
     }
+}
+
+/// [`super::load::reload_module`] on a blocking thread (it reads the module's files).
+async fn reload_module_off_runtime(
+    context: &std::sync::Arc<super::load::ReloadContext>,
+    module: &str,
+    cluster: &safekit_core::config::ClusterConfig,
+) -> Result<super::load::ModuleSetup, Vec<String>> {
+    let context = std::sync::Arc::clone(context);
+    let module = module.to_string();
+    let cluster = cluster.clone();
+    tokio::task::spawn_blocking(move || {
+        super::load::reload_module(
+            &context.paths,
+            &module,
+            &cluster,
+            &context.node,
+            &context.peer,
+        )
+    })
+    .await
+    .unwrap_or_else(|error| Err(vec![format!("reading the configuration failed: {error}")]))
 }
 
 /// Sends `setup` (with a fresh data path and script environment) to the module's runner.

@@ -65,6 +65,15 @@ impl BootSettings {
             Err(error) => (false, format!("off ({error})")),
         }
     }
+
+    /// [`Self::decide`] on a blocking thread (it reads the switch file), for the admin handlers.
+    pub async fn decide_off_runtime(&self, module: &str) -> (bool, String) {
+        let settings = self.clone();
+        let module = module.to_string();
+        tokio::task::spawn_blocking(move || settings.decide(&module))
+            .await
+            .unwrap_or_else(|error| (false, format!("off ({error})")))
+    }
 }
 
 /// Sends `start` (caller `boot`) to every module whose boot is on, each after

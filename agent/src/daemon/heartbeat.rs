@@ -494,16 +494,16 @@ fn check(
     Ok((heartbeat, extensions))
 }
 
-/// At most one report per [`WARN_INTERVAL`].
+/// At most one report per [`WARN_INTERVAL`] (also used by the web service and `safekit -H`).
 #[derive(Debug, Default)]
-struct RateLimit {
+pub(crate) struct RateLimit {
     last: Option<Instant>,
     suppressed: u64,
 }
 
 impl RateLimit {
     /// `Some(number suppressed since the last report)` when a report may be made now.
-    fn allow(&mut self) -> Option<u64> {
+    pub(crate) fn allow(&mut self) -> Option<u64> {
         let now = Instant::now();
         match self.last {
             Some(last) if now.duration_since(last) < WARN_INTERVAL => {

@@ -11,8 +11,10 @@
 //! - While the agent runs, the module's runner keeps a [`Recorder`] up to
 //!   date in `SAFEVAR/modules/<AM>/leftovers` (atomic, checksummed:
 //!   [`crate::persist::LeftoverRecord`]): the application is marked as
-//!   possibly running before `start_prim` runs and cleared after a
-//!   `stop_prim` succeeded; the virtual IPs held and the process groups of the
+//!   possibly running, with its state, before any start hook runs
+//!   (`start_both`, `start_sec`, `start_second`, `start_prim`: a write that
+//!   fails refuses the start) and cleared after a `stop_prim` succeeded (from
+//!   SECOND, after its stop hooks succeeded); the virtual IPs held and the process groups of the
 //!   custom checkers' programs are recorded as they change.
 //! - When the agent starts, before the module can be started (by boot or by
 //!   an operator), [`clean_up`] reads the previous instance's record and, if
@@ -21,14 +23,16 @@
 //!   virtual IPs that are still configured, kills the recorded checker
 //!   process groups whose leader still exists with the recorded start time
 //!   (`/proc/<pid>/stat` field 22, so a recycled pid is never killed), runs
-//!   `stop_prim force` and the other stop hooks of the state left, then clears
-//!   the record. An empty record (a clean stop) does nothing at all.
+//!   the forced stop hooks of the state left ([`stop_plan`]), then clears
+//!   the record. An empty record (a clean stop) does nothing at all. A module
+//!   the agent refuses at start gets the same clean-up ([`clean_up_refused`]).
 //!
 //! It must never kill a process it did not start, nor remove an address that
 //! is not one of the module's virtual IPs.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -104,16 +108,23 @@ pub fn is_same_group(group: &CheckerGroup) -> bool {
 ///
 /// Every change is written (atomically, fsynced) before the method returns;
 /// a write that fails is logged and the agent goes on (the safe side is
-/// already taken: the next agent cleans up whatever an older record names).
+/// already taken: the next agent cleans up whatever an older record names),
+/// except before a start ([`Recorder::application_starting`]), which the
+/// caller refuses then.
 #[derive(Debug, Clone)]
 pub struct Recorder {
     inner: Arc<Mutex<LeftoverRecord>>,
+    /// How many times [`Recorder::application_starting`] was called (changed
+    /// under the lock of `inner`): a stop that ends after a new start must not
+    /// clear the record.
+    starts: Arc<AtomicU64>,
     path: PathBuf,
 }
 
 impl Recorder {
-    /// A recorder writing to `path`, starting from an empty record (what
-    /// [`clean_up`] leaves); nothing is written until something changes.
+    /// A recorder writing to `path`, starting from an empty record (what a
+    /// clean stop leaves; the runner then starts from what [`clean_up`] left
+    /// with [`Recorder::start_from`]); nothing is written until something changes.
     pub fn new(path: PathBuf) -> Recorder {
         Recorder {
             inner: Arc::new(Mutex::new(LeftoverRecord {
@@ -121,12 +132,41 @@ impl Recorder {
                 agent_pid: std::process::id(),
                 ..LeftoverRecord::default()
             })),
+            starts: Arc::default(),
             path,
         }
     }
 
+    /// Starts from `record` (what [`clean_up`] left on disk, e.g. an
+    /// application whose forced stop failed), so that the next change keeps
+    /// it. Nothing is written.
+    pub fn start_from(&self, record: LeftoverRecord) {
+        let mut inner = match self.inner.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        *inner = LeftoverRecord {
+            boot_id: boot_id(),
+            agent_pid: std::process::id(),
+            ..record
+        };
+    }
+
+    /// The record as it is now (for tests and the log).
+    pub fn current(&self) -> LeftoverRecord {
+        match self.inner.lock() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
     /// Applies `change` to the record and writes it if it changed (blocking).
-    fn update_blocking(&self, change: impl FnOnce(&mut LeftoverRecord)) {
+    /// On a failed write the record in memory keeps the change (the next
+    /// write carries it).
+    fn update_blocking(
+        &self,
+        change: impl FnOnce(&mut LeftoverRecord),
+    ) -> Result<(), persist::PersistError> {
         let mut record = match self.inner.lock() {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),
@@ -134,67 +174,104 @@ impl Recorder {
         let before = record.clone();
         change(&mut record);
         if *record == before {
-            return;
+            return Ok(());
         }
-        if let Err(error) = persist::write_leftovers(&self.path, &record) {
+        persist::write_leftovers(&self.path, &record).inspect_err(|error| {
             tracing::error!(%error, "cannot record what the module runs (leftovers)");
-        }
+        })
     }
 
-    /// [`Recorder::update_blocking`] on a blocking thread.
-    async fn update(&self, change: impl FnOnce(&mut LeftoverRecord) + Send + 'static) {
+    /// [`Recorder::update_blocking`] on a blocking thread; the error as text.
+    async fn update(
+        &self,
+        change: impl FnOnce(&mut LeftoverRecord) + Send + 'static,
+    ) -> Result<(), String> {
         let recorder = self.clone();
-        if let Err(error) =
-            tokio::task::spawn_blocking(move || recorder.update_blocking(change)).await
-        {
-            tracing::error!(%error, "cannot record what the module runs (leftovers)");
+        match tokio::task::spawn_blocking(move || recorder.update_blocking(change)).await {
+            Ok(result) => result.map_err(|error| error.to_string()),
+            Err(error) => {
+                tracing::error!(%error, "cannot record what the module runs (leftovers)");
+                Err(error.to_string())
+            }
         }
     }
 
-    /// Before `start_prim` runs in `state`: the application may be running from now on.
-    pub async fn application_starting(&self, state: &str) {
+    /// Before any start hook (`start_both`, `start_sec`, `start_second`,
+    /// `start_prim`) runs for `state`: the application may run from now on.
+    ///
+    /// # Errors
+    /// The record could not be written: the caller must not start anything
+    /// (a crash of the agent would leave it running unnoticed).
+    pub async fn application_starting(&self, state: &str) -> Result<(), String> {
         let state = state.to_string();
-        self.update(move |record| record.application = Some(state))
-            .await;
+        let starts = Arc::clone(&self.starts);
+        self.update(move |record| {
+            starts.fetch_add(1, Ordering::SeqCst);
+            record.application = Some(state);
+        })
+        .await
     }
 
-    /// The application now runs in `state` (ALONE to PRIM and back), if it runs at all.
+    /// A token for [`Recorder::application_stopped_unless_restarted`], taken
+    /// when a stop is queued.
+    pub fn start_count(&self) -> u64 {
+        let _guard = self.inner.lock();
+        self.starts.load(Ordering::SeqCst)
+    }
+
+    /// The application now runs in `state` (ALONE, PRIM, SECOND), if it runs at all.
     pub async fn application_state(&self, state: &str) {
         let state = state.to_string();
-        self.update(move |record| {
-            if record.application.is_some() {
-                record.application = Some(state);
-            }
-        })
-        .await;
+        let _ = self
+            .update(move |record| {
+                if record.application.is_some() {
+                    record.application = Some(state);
+                }
+            })
+            .await;
     }
 
     /// After a successful `stop_prim`: the application is stopped.
     pub async fn application_stopped(&self) {
-        self.update(|record| record.application = None).await;
+        let _ = self.update(|record| record.application = None).await;
+    }
+
+    /// After the stop hooks of a module that ran no `stop_prim` (SECOND to
+    /// STOP) all succeeded: the application is stopped, unless a start was
+    /// recorded since `start_count` ([`Recorder::start_count`]) was taken.
+    pub async fn application_stopped_unless_restarted(&self, start_count: u64) {
+        let starts = Arc::clone(&self.starts);
+        let _ = self
+            .update(move |record| {
+                if starts.load(Ordering::SeqCst) == start_count {
+                    record.application = None;
+                }
+            })
+            .await;
     }
 
     /// The virtual IPs now held, `(interface, address)`.
     pub async fn vips_held(&self, vips: &[(String, IpAddr)]) {
         let vips = vips.to_vec();
-        self.update(move |record| record.vips = vips).await;
+        let _ = self.update(move |record| record.vips = vips).await;
     }
 
     /// A custom checker's program started as process group `pgid` (its pid).
     /// Not recorded if the program already exited (nothing to clean up then).
     pub async fn group_started(&self, resource: &str, pgid: i32) {
         let resource = resource.to_string();
-        self.update(move |record| {
-            if let Some(stat) = proc_stat(pgid) {
-                record.checker_groups.retain(|group| group.pgid != pgid);
-                record.checker_groups.push(CheckerGroup {
-                    resource,
-                    pgid,
-                    start_time: stat.start_time,
-                });
-            }
-        })
-        .await;
+        let _ = self
+            .update(move |record| {
+                if let Some(stat) = proc_stat(pgid) {
+                    record.checker_groups.retain(|group| group.pgid != pgid);
+                    record.checker_groups.push(CheckerGroup {
+                        resource,
+                        pgid,
+                        start_time: stat.start_time,
+                    });
+                }
+            })
+            .await;
     }
 
     /// A custom checker's process group was killed. Callable from a `Drop`:
@@ -203,7 +280,8 @@ impl Recorder {
     pub fn group_ended(&self, pgid: i32) {
         let recorder = self.clone();
         let change = move || {
-            recorder.update_blocking(|record| record.checker_groups.retain(|g| g.pgid != pgid));
+            let _ =
+                recorder.update_blocking(|record| record.checker_groups.retain(|g| g.pgid != pgid));
         };
         match tokio::runtime::Handle::try_current() {
             Ok(handle) => drop(handle.spawn_blocking(change)),
@@ -222,7 +300,9 @@ pub struct Cleanup<'a> {
     /// Netlink, to remove virtual IPs (`None`: unavailable, nothing removed).
     pub netlink: Option<&'a Netlink>,
     /// The module's configured virtual IPs: only these are ever removed.
-    pub configured_vips: Vec<IpAddr>,
+    /// `None` for a module this agent refused (no usable configuration): the
+    /// addresses of the record, written by this node's previous agent, are trusted.
+    pub configured_vips: Option<Vec<IpAddr>>,
     /// The scripts' environment; `None` when the module has no `<user>` (scripts are not run).
     pub scripts: Option<(&'a ScriptEnv, &'a AppLog)>,
     /// `forcestoptimeout`.
@@ -238,9 +318,15 @@ pub struct CleanupReport {
     pub vips_removed: Vec<(String, IpAddr)>,
     /// Checker process groups killed.
     pub groups_killed: Vec<i32>,
-    /// `stop_prim force` ran and succeeded (or the module has no stop_prim).
+    /// The forced stop hooks of the recorded state ran and succeeded (absent ones count as success).
     pub application_stopped: bool,
+    /// The record left on disk: the runner's [`Recorder`] starts from it
+    /// ([`Recorder::start_from`]), so that a failed stop stays recorded.
+    pub record: LeftoverRecord,
 }
+
+/// The recorded state of an unreadable record: every forced stop hook runs.
+pub const UNKNOWN_STATE: &str = "UNKNOWN";
 
 /// At agent start, before the module can be started: cleans up what the
 /// previous agent's record says may still run (see the module
@@ -263,7 +349,7 @@ pub async fn clean_up(cleanup: Cleanup<'_>) -> CleanupReport {
                 format!("Unreadable record of what the previous agent ran ({error}): assuming the application may be running"),
             );
             LeftoverRecord {
-                application: Some("PRIM".into()),
+                application: Some(UNKNOWN_STATE.into()),
                 ..LeftoverRecord::default()
             }
         }
@@ -298,7 +384,7 @@ pub async fn clean_up(cleanup: Cleanup<'_>) -> CleanupReport {
         report.application_stopped = !stop_failed;
     }
     // Clear the record; an application whose forced stop failed stays recorded,
-    // so that the next agent tries again.
+    // so that the next agent (and the runner's recorder) keeps it.
     let cleared = LeftoverRecord {
         application: if stop_failed {
             record.application.clone()
@@ -309,6 +395,7 @@ pub async fn clean_up(cleanup: Cleanup<'_>) -> CleanupReport {
         agent_pid: std::process::id(),
         ..LeftoverRecord::default()
     };
+    report.record = cleared.clone();
     let path = cleanup.path.clone();
     match tokio::task::spawn_blocking(move || persist::write_leftovers(&path, &cleared)).await {
         Ok(Ok(())) => {}
@@ -322,11 +409,64 @@ pub async fn clean_up(cleanup: Cleanup<'_>) -> CleanupReport {
             modlog::Level::Event
         },
         if stop_failed {
-            "Clean-up after the agent's crash: stop_prim force failed, the application may still be running (see the application log)".to_string()
+            "Clean-up after the agent's crash: a forced stop hook failed, the application may still be running (see the application log)".to_string()
         } else {
             "Clean-up after the agent's crash done".to_string()
         },
     );
+    report
+}
+
+/// At agent start, for a module this agent refused (invalid configuration,
+/// heartbeat socket that cannot bind, ...: it has no runner, so
+/// [`clean_up`] would never run): when the previous agent's record (in
+/// `env.uservar`) is not empty, runs the same clean-up with the scripts of
+/// `env.userbin` and `force_stop_timeout`, trusting the recorded virtual IPs
+/// (the record is this node's own). Logs a critical line in the module log
+/// when it cannot run or did not stop everything.
+pub async fn clean_up_refused(
+    env: &ScriptEnv,
+    modlog: &ModLog,
+    force_stop_timeout: Duration,
+) -> CleanupReport {
+    let path = record_path(&env.uservar);
+    let probe = path.clone();
+    let nothing_left = tokio::task::spawn_blocking(move || match persist::read_leftovers(&probe) {
+        Ok(None) => true,
+        Ok(Some(record)) => record.is_empty(),
+        Err(_) => false,
+    })
+    .await
+    .unwrap_or(false);
+    if nothing_left {
+        return CleanupReport::default();
+    }
+    let netlink = match Netlink::connect() {
+        Ok(netlink) => Some(netlink),
+        Err(error) => {
+            tracing::error!(%error, "netlink unavailable: the recorded virtual IPs cannot be removed");
+            None
+        }
+    };
+    let applog = AppLog {
+        path: env.uservar.join("userlog.ulog"),
+        max_bytes: 2048 * 1024,
+    };
+    let report = clean_up(Cleanup {
+        path,
+        modlog,
+        netlink: netlink.as_ref(),
+        configured_vips: None,
+        scripts: Some((env, &applog)),
+        force_stop_timeout,
+    })
+    .await;
+    if report.cleaned && (report.record.application.is_some() || netlink.is_none()) {
+        modlog.log(
+            modlog::Level::Critical,
+            "Module not started and its clean-up after the agent's crash incomplete: the application may still be running",
+        );
+    }
     report
 }
 
@@ -343,7 +483,9 @@ async fn remove_vips(cleanup: &Cleanup<'_>, record: &LeftoverRecord, report: &mu
         return;
     };
     for (ifname, addr) in &record.vips {
-        if !cleanup.configured_vips.contains(addr) {
+        if let Some(configured) = &cleanup.configured_vips
+            && !configured.contains(addr)
+        {
             cleanup.modlog.log(
                 modlog::Level::Event,
                 format!(
@@ -414,26 +556,46 @@ fn kill_groups(cleanup: &Cleanup<'_>, record: &LeftoverRecord, report: &mut Clea
     }
 }
 
-/// Runs `stop_prim force <state> STOP stop`, then the other stop hooks of
-/// leaving `state` (`stop_sec`, `stop_both`), all forced with
-/// `forcestoptimeout`, in the order a stop runs them. Returns whether
-/// `stop_prim` succeeded (absent counts as success).
-async fn stop_application(cleanup: &Cleanup<'_>, state: &str) -> bool {
-    let Some((env, applog)) = cleanup.scripts else {
-        return true;
+/// The forced stop hooks of leaving `state` for STOP, in the order SafeKit
+/// runs them: `stop_prim` first when the application runs there (ALONE,
+/// PRIM), then the stop hooks of the pairs left, innermost first
+/// (`stop_second`, `stop_sec`, `stop_both`: [`scripts::transition_hooks`]).
+/// An unknown state (unreadable record) runs all of them, as PRIM.
+pub fn stop_plan(state: &str) -> (&'static str, Vec<&'static str>) {
+    let (current, known): (&'static str, bool) = match state {
+        "ALONE" => ("ALONE", true),
+        "PRIM" => ("PRIM", true),
+        "SECOND" => ("SECOND", true),
+        _ => ("PRIM", false),
     };
-    let current: &'static str = match state {
-        "ALONE" => "ALONE",
-        _ => "PRIM",
-    };
-    let mut names = vec!["stop_prim"];
+    if !known {
+        return (
+            current,
+            vec!["stop_prim", "stop_second", "stop_sec", "stop_both"],
+        );
+    }
+    let mut names = Vec::new();
+    if current != "SECOND" {
+        names.push("stop_prim");
+    }
     names.extend(
         scripts::transition_hooks(current, "STOP", "stop")
             .into_iter()
             .filter(|hook| hook.stop)
             .map(|hook| hook.name),
     );
-    let mut stop_prim_ok = true;
+    (current, names)
+}
+
+/// Runs the forced stop hooks of leaving `state` ([`stop_plan`]), each with
+/// `force <state> STOP stop` and `forcestoptimeout`. Returns whether all
+/// succeeded (an absent hook counts as success).
+async fn stop_application(cleanup: &Cleanup<'_>, state: &str) -> bool {
+    let Some((env, applog)) = cleanup.scripts else {
+        return true;
+    };
+    let (current, names) = stop_plan(state);
+    let mut all_ok = true;
     for name in names {
         let call = ScriptCall {
             name,
@@ -463,11 +625,9 @@ async fn stop_application(cleanup: &Cleanup<'_>, state: &str) -> bool {
                 false
             }
         };
-        if name == "stop_prim" {
-            stop_prim_ok = success;
-        }
+        all_ok &= success;
     }
-    stop_prim_ok
+    all_ok
 }
 
 #[cfg(test)]
@@ -542,7 +702,10 @@ mod tests {
         let read = || persist::read_leftovers(&path).expect("readable");
         assert_eq!(read(), None, "nothing written before anything runs");
 
-        recorder.application_starting("ALONE").await;
+        recorder
+            .application_starting("ALONE")
+            .await
+            .expect("record written");
         assert_eq!(
             read().expect("written").application.as_deref(),
             Some("ALONE")
@@ -596,14 +759,17 @@ mod tests {
             path: path.clone(),
             modlog: &modlog,
             netlink: None,
-            configured_vips: Vec::new(),
+            configured_vips: Some(Vec::new()),
             scripts: Some((&env, &applog)),
             force_stop_timeout: Duration::from_secs(30),
         };
 
         // A clean stop left an empty record: nothing runs.
         let recorder = Recorder::new(path.clone());
-        recorder.application_starting("PRIM").await;
+        recorder
+            .application_starting("PRIM")
+            .await
+            .expect("record written");
         recorder.application_stopped().await;
         assert_eq!(clean_up(cleanup()).await, CleanupReport::default());
         assert!(
@@ -621,7 +787,10 @@ mod tests {
                 .expect("spawn sleep")
         };
         let pgid = i32::try_from(child.id()).expect("pid fits");
-        recorder.application_starting("ALONE").await;
+        recorder
+            .application_starting("ALONE")
+            .await
+            .expect("record written");
         recorder.group_started("custom.app", pgid).await;
         let report = clean_up(cleanup()).await;
         assert!(report.cleaned && report.application_stopped, "{report:?}");
@@ -657,6 +826,171 @@ mod tests {
                 .count(),
             1
         );
+    }
+
+    /// A module's script environment in `dir` (scripts in `dir/bin`).
+    fn test_env(dir: &Path) -> (ScriptEnv, AppLog) {
+        let userbin = dir.join("bin");
+        std::fs::create_dir_all(&userbin).expect("bin");
+        let env = ScriptEnv {
+            safe: dir.into(),
+            safebin: dir.into(),
+            safevar: dir.into(),
+            module: "m".into(),
+            userbin,
+            userconf: dir.into(),
+            uservar: dir.into(),
+            user_vars: Default::default(),
+        };
+        let applog = AppLog {
+            path: dir.join("userlog.ulog"),
+            max_bytes: 1 << 20,
+        };
+        (env, applog)
+    }
+
+    /// A hook `name` that appends `name <arguments>` to `dir/calls` and exits with `status`.
+    fn write_hook(dir: &Path, name: &str, status: i32) {
+        let script = format!(
+            "#!/bin/sh\necho \"{name} $*\" >> {}\nexit {status}\n",
+            dir.join("calls").display()
+        );
+        let path = dir.join("bin").join(name);
+        std::fs::write(&path, script).expect("hook");
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("chmod");
+    }
+
+    #[test]
+    fn each_recorded_state_is_stopped_by_its_own_hooks_in_safekit_order() {
+        assert_eq!(stop_plan("PRIM"), ("PRIM", vec!["stop_prim", "stop_both"]));
+        assert_eq!(
+            stop_plan("ALONE"),
+            ("ALONE", vec!["stop_prim", "stop_sec", "stop_both"])
+        );
+        // A SECOND runs no application: no stop_prim, its own hooks innermost first.
+        assert_eq!(
+            stop_plan("SECOND"),
+            ("SECOND", vec!["stop_second", "stop_sec", "stop_both"])
+        );
+        assert_eq!(
+            stop_plan(UNKNOWN_STATE).1,
+            vec!["stop_prim", "stop_second", "stop_sec", "stop_both"]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_second_that_crashed_gets_its_second_hooks_forced_not_stop_prim() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = record_path(dir.path());
+        let modlog = ModLog::open(dir.path().join("log"), 1 << 20).expect("module log");
+        let (env, applog) = test_env(dir.path());
+        for hook in ["stop_prim", "stop_second", "stop_sec", "stop_both"] {
+            write_hook(dir.path(), hook, 0);
+        }
+        // SECOND's start hooks are about to run, then the agent crashes.
+        let recorder = Recorder::new(path.clone());
+        recorder
+            .application_starting("SECOND")
+            .await
+            .expect("record written");
+        let report = clean_up(Cleanup {
+            path: path.clone(),
+            modlog: &modlog,
+            netlink: None,
+            configured_vips: Some(Vec::new()),
+            scripts: Some((&env, &applog)),
+            force_stop_timeout: Duration::from_secs(30),
+        })
+        .await;
+        assert!(report.cleaned && report.application_stopped, "{report:?}");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("calls")).expect("hooks ran"),
+            "stop_second force SECOND STOP stop\n\
+             stop_sec force SECOND STOP stop\n\
+             stop_both force SECOND STOP stop\n"
+        );
+        assert!(report.record.is_empty(), "{report:?}");
+    }
+
+    #[tokio::test]
+    async fn the_stop_hooks_of_a_second_clear_the_record_unless_it_started_again() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = record_path(dir.path());
+        let recorder = Recorder::new(path.clone());
+        let read = || {
+            persist::read_leftovers(&path)
+                .expect("readable")
+                .expect("written")
+        };
+        recorder
+            .application_starting("SECOND")
+            .await
+            .expect("record written");
+        let stop_queued = recorder.start_count();
+        recorder
+            .application_stopped_unless_restarted(stop_queued)
+            .await;
+        assert!(read().is_empty(), "stopped cleanly: nothing recorded");
+
+        // A start recorded while the stop hooks ran keeps the record.
+        let stop_queued = recorder.start_count();
+        recorder
+            .application_starting("SECOND")
+            .await
+            .expect("record written");
+        recorder
+            .application_stopped_unless_restarted(stop_queued)
+            .await;
+        assert_eq!(read().application.as_deref(), Some("SECOND"));
+    }
+
+    #[tokio::test]
+    async fn a_failed_forced_stop_survives_the_next_change_of_the_record() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = record_path(dir.path());
+        let modlog = ModLog::open(dir.path().join("log"), 1 << 20).expect("module log");
+        let (env, applog) = test_env(dir.path());
+        write_hook(dir.path(), "stop_prim", 1);
+        let previous = Recorder::new(path.clone());
+        previous
+            .application_starting("PRIM")
+            .await
+            .expect("record written");
+
+        let report = clean_up(Cleanup {
+            path: path.clone(),
+            modlog: &modlog,
+            netlink: None,
+            configured_vips: Some(Vec::new()),
+            scripts: Some((&env, &applog)),
+            force_stop_timeout: Duration::from_secs(30),
+        })
+        .await;
+        assert!(!report.application_stopped, "{report:?}");
+        assert_eq!(report.record.application.as_deref(), Some("PRIM"));
+
+        // The new agent's recorder starts from it: a checker starting keeps the application.
+        let recorder = Recorder::new(path.clone());
+        recorder.start_from(report.record);
+        let mut child = {
+            use std::os::unix::process::CommandExt;
+            std::process::Command::new("sleep")
+                .arg("30")
+                .process_group(0)
+                .spawn()
+                .expect("spawn sleep")
+        };
+        let pgid = i32::try_from(child.id()).expect("pid fits");
+        recorder.group_started("custom.app", pgid).await;
+        child.kill().expect("kill sleep");
+        child.wait().expect("reap sleep");
+        let record = persist::read_leftovers(&path)
+            .expect("readable")
+            .expect("written");
+        assert_eq!(record.application.as_deref(), Some("PRIM"), "{record:?}");
+        assert_eq!(record.checker_groups.len(), 1);
+        assert_eq!(record.agent_pid, std::process::id());
     }
 
     fn modlog_text(dir: &Path) -> String {

@@ -27,7 +27,9 @@
 //! 2. Increment the boot counter (`SAFEVAR/boot`), carried by heartbeats so
 //!    that the peer's replay guard accepts this new run.
 //! 3. Load and validate every module completely; invalid ones are logged with
-//!    every error and not started.
+//!    every error and not started; what a killed agent left running for
+//!    them is cleaned up all the same ([`leftovers::clean_up_refused`]), as
+//!    for a module whose heartbeat socket cannot bind in step 4.
 //! 4. Per module: read its persisted state (`SAFEVAR/modules/<AM>/state`),
 //!    open its logs, bind its heartbeat sockets, start its threads and runner.
 //!    A module always starts in STOP; its runner first cleans up what a killed
@@ -168,8 +170,8 @@ async fn start(options: &DaemonOptions) -> Result<Registry, DaemonError> {
     };
     for module in &rejected {
         tracing::error!(module = %module.name, errors = %module.errors.join("\n"), "invalid module configuration: module not started");
-        if let Ok(log) = ModLog::open(paths.module_var(&module.name).join("log"), MODULE_LOG_BYTES)
-        {
+        let log = ModLog::open(paths.module_var(&module.name).join("log"), MODULE_LOG_BYTES);
+        if let Ok(log) = &log {
             log.log(
                 modlog::Level::Critical,
                 format!(
@@ -178,6 +180,7 @@ async fn start(options: &DaemonOptions) -> Result<Registry, DaemonError> {
                 ),
             );
         }
+        clean_up_refused(&paths, &module.name, None, log.as_ref().ok()).await;
         registry
             .rejected
             .insert(module.name.clone(), module.errors.clone());
@@ -188,6 +191,8 @@ async fn start(options: &DaemonOptions) -> Result<Registry, DaemonError> {
         if setup.config.service.rfs.is_some() && !cfg!(feature = "linux-datapath") {
             let error = "<rfs> needs the data path: this agent was built without the `linux-datapath` feature".to_string();
             tracing::error!(module = %setup.name, %error, "module not started");
+            let log = ModLog::open(paths.module_var(&setup.name).join("log"), MODULE_LOG_BYTES);
+            clean_up_refused(&paths, &setup.name, Some(&setup), log.as_ref().ok()).await;
             registry.rejected.insert(setup.name.clone(), vec![error]);
             continue;
         }
@@ -271,6 +276,7 @@ async fn start(options: &DaemonOptions) -> Result<Registry, DaemonError> {
                 modlog::Level::Critical,
                 format!("Module not started: {error}"),
             );
+            clean_up_refused(&paths, &setup.name, Some(&setup), Some(&modlog)).await;
             registry.rejected.insert(setup.name.clone(), vec![error]);
             continue;
         }
@@ -335,6 +341,49 @@ async fn start(options: &DaemonOptions) -> Result<Registry, DaemonError> {
         cluster: Mutex::new(cluster),
     }));
     Ok(registry)
+}
+
+/// The crash clean-up of a module refused at start, which has no runner
+/// ([`leftovers::clean_up_refused`]): its scripts are in `SAFE/modules/<AM>/bin`,
+/// its record in `SAFEVAR/modules/<AM>`; `setup` when its configuration is valid.
+async fn clean_up_refused(
+    paths: &NodePaths,
+    name: &str,
+    setup: Option<&load::ModuleSetup>,
+    log: Option<&ModLog>,
+) {
+    let env = match setup {
+        Some(setup) => load::script_env(paths, setup),
+        None => crate::scripts::ScriptEnv {
+            safe: paths.safe.clone(),
+            safebin: paths.safe.join("private").join("bin"),
+            safevar: paths.var.clone(),
+            module: name.to_string(),
+            userbin: paths.modules().join(name).join("bin"),
+            userconf: paths.modules().join(name).join("conf"),
+            uservar: paths.module_var(name),
+            user_vars: Default::default(),
+        },
+    };
+    let force_stop = setup.map_or_else(
+        || safekit_core::config::User::default().forcestoptimeout,
+        |setup| setup.script_timeouts().force_stop,
+    );
+    match log {
+        Some(log) => {
+            leftovers::clean_up_refused(&env, log, force_stop).await;
+            log.flush().await;
+        }
+        None => {
+            let record = crate::persist::read_leftovers(&leftovers::record_path(&env.uservar));
+            if record.is_err() || matches!(record, Ok(Some(record)) if !record.is_empty()) {
+                tracing::error!(
+                    module = name,
+                    "module log unavailable: no clean-up after the agent's crash, the application may still be running"
+                );
+            }
+        }
+    }
 }
 
 /// The module's data path: none without `<rfs>`, the in-process Linux one with it.

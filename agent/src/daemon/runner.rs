@@ -139,6 +139,14 @@ pub enum RunnerEvent {
         /// Where to answer.
         reply: oneshot::Sender<AdminResponse>,
     },
+    /// `safekit cluster config`, before anything is applied: would `Reload`
+    /// with this setup be accepted now? Nothing changes.
+    CheckReload {
+        /// The new setup.
+        setup: Box<ModuleSetup>,
+        /// Where to answer (`Ok` or the reason `Reload` would be refused).
+        reply: oneshot::Sender<AdminResponse>,
+    },
 }
 
 /// A `second` command waiting for a fresh heartbeat of the peer.
@@ -458,6 +466,15 @@ impl Runner {
                     let response = self.reload(*setup, script_env, datapath, &caller).await;
                     let _ = reply.send(response);
                 }
+                Some(RunnerEvent::CheckReload { setup, reply }) => {
+                    let response = match self.reload_refusal(&setup) {
+                        Some(reason) => AdminResponse::Refused { reason },
+                        None => AdminResponse::Ok {
+                            message: String::new(),
+                        },
+                    };
+                    let _ = reply.send(response);
+                }
                 Some(RunnerEvent::GetResource { resource, reply }) => {
                     let response = match self.checkers.get(&resource) {
                         Ok(value) => AdminResponse::Ok {
@@ -564,6 +581,27 @@ impl Runner {
         }
     }
 
+    /// Why [`Self::reload`] would refuse `setup` now (not STOP, or a change that needs an agent restart).
+    fn reload_refusal(&self, setup: &ModuleSetup) -> Option<String> {
+        let name = &self.setup.name;
+        let state = self.machine.state();
+        if state != State::Stop || self.machine.is_transient() {
+            return Some(format!(
+                "module {name} is {state}{}: stop it first (safekit stop -m {name}), apply, then start it again; nothing changed",
+                if self.machine.is_transient() {
+                    " (Transient)"
+                } else {
+                    ""
+                }
+            ));
+        }
+        super::load::needs_agent_restart(&self.setup, setup).map(|why| {
+            format!(
+                "{why}: restart the agent (safekitd) to apply this configuration; nothing changed"
+            )
+        })
+    }
+
     /// Replaces the module's setup with `setup` (`safekit config`, `safekit
     /// cluster config`): only while STOP, with the `config` hook before and
     /// `postconfig` after; `start` then uses it.
@@ -574,27 +612,10 @@ impl Runner {
         datapath: Box<dyn DataPath>,
         caller: &str,
     ) -> AdminResponse {
+        if let Some(reason) = self.reload_refusal(&setup) {
+            return AdminResponse::Refused { reason };
+        }
         let name = self.setup.name.clone();
-        let state = self.machine.state();
-        if state != State::Stop || self.machine.is_transient() {
-            return AdminResponse::Refused {
-                reason: format!(
-                    "module {name} is {state}{}: stop it first (safekit stop -m {name}), apply, then start it again; nothing changed",
-                    if self.machine.is_transient() {
-                        " (Transient)"
-                    } else {
-                        ""
-                    }
-                ),
-            };
-        }
-        if let Some(why) = super::load::needs_agent_restart(&self.setup, &setup) {
-            return AdminResponse::Refused {
-                reason: format!(
-                    "{why}: restart the agent (safekitd) to apply this configuration; nothing changed"
-                ),
-            };
-        }
         let hook = |name: &'static str| scripts::Hook {
             name,
             current_state: "STOP",
@@ -739,14 +760,53 @@ impl Runner {
             Action::StateChanged { from, to, .. } => Some((*from, *to)),
             _ => None,
         });
+        // Why the start hooks and start_prim of this batch are not run.
+        let mut start_blocked: Option<String> = None;
         for action in actions {
             if matches!(action, Action::StateChanged { .. }) {
                 // A restart keeps the state: a change means it was overtaken.
                 self.restarting = false;
             }
             if matches!(action, Action::RunScript(_) | Action::StateChanged { .. }) {
+                // Whatever a start hook or start_prim runs is recorded first
+                // ([`super::leftovers`]); a start that cannot be recorded is refused.
+                let starts = hooks
+                    .iter()
+                    .any(|hook| !hook.stop && hook.name.starts_with("start_"))
+                    || matches!(action, Action::RunScript(Script::StartPrim));
+                if starts && start_blocked.is_none() {
+                    let state = change.map_or(self.machine.state(), |(_, to)| to);
+                    if let Err(error) = self.leftovers.application_starting(state.name()).await {
+                        start_blocked = Some(error);
+                    }
+                }
+                let stopped = self.leftovers.start_count();
+                let mut stop_hooks_done = Vec::new();
                 for hook in hooks.drain(..) {
-                    self.queue_hook(hook, None);
+                    if start_blocked.is_some() && !hook.stop && hook.name.starts_with("start_") {
+                        continue;
+                    }
+                    // SECOND stopping runs no stop_prim: its stop hooks clear the record.
+                    let done = (hook.stop
+                        && hook.current_state == "SECOND"
+                        && !["ALONE", "PRIM", "SECOND"].contains(&hook.next_state))
+                    .then(|| {
+                        let (done, outcome) = oneshot::channel();
+                        stop_hooks_done.push(outcome);
+                        done
+                    });
+                    self.queue_hook(hook, done);
+                }
+                if !stop_hooks_done.is_empty() {
+                    let recorder = self.leftovers.clone();
+                    tokio::spawn(async move {
+                        for outcome in stop_hooks_done {
+                            if outcome.await != Ok(true) {
+                                return;
+                            }
+                        }
+                        recorder.application_stopped_unless_restarted(stopped).await;
+                    });
                 }
             }
             match action {
@@ -772,11 +832,14 @@ impl Runner {
                         std::process::exit(1);
                     }
                 }
+                Action::RunScript(Script::StartPrim) if start_blocked.is_some() => {
+                    // Not run: the machine hears that start_prim failed.
+                    let _ = self.events.send(RunnerEvent::ScriptFinished {
+                        script: Script::StartPrim,
+                        success: false,
+                    });
+                }
                 Action::RunScript(script) => {
-                    if script == Script::StartPrim {
-                        let state = change.map_or(self.machine.state(), |(_, to)| to);
-                        self.leftovers.application_starting(state.name()).await;
-                    }
                     self.spawn_script(script, change);
                     if script == Script::StartPrim {
                         self.restarting = false;
@@ -852,7 +915,7 @@ impl Runner {
                     if from == State::Alone && to == State::Prim {
                         self.reannounce_vips();
                     }
-                    if matches!(to, State::Alone | State::Prim) {
+                    if matches!(to, State::Alone | State::Prim | State::Second(_)) {
                         self.leftovers.application_state(to.name()).await;
                     }
                 }
@@ -863,6 +926,23 @@ impl Runner {
                     }
                 }
             }
+        }
+        if let Some(error) = start_blocked {
+            // As for an unwritable state: nothing runs that a crash could leave behind.
+            let reason = format!(
+                "cannot record what the module runs ({error}): start refused, module stopped"
+            );
+            tracing::error!(%reason, "start refused");
+            self.modlog.log(modlog::Level::Critical, reason.clone());
+            if let Some(slot) = refusal {
+                *slot = Some(reason);
+            }
+            let (reply, _) = oneshot::channel();
+            let _ = self.events.send(RunnerEvent::Control {
+                verb: Verb::ForceStop,
+                caller: "agent".into(),
+                reply,
+            });
         }
     }
 
@@ -1454,11 +1534,11 @@ impl Runner {
     /// At start, before any command: cleans up what a killed agent left
     /// running for this module ([`super::leftovers::clean_up`]).
     async fn clean_up_leftovers(&mut self) {
-        let configured_vips = self.vips.iter().map(|vip| vip.addr).collect();
+        let configured_vips = Some(self.vips.iter().map(|vip| vip.addr).collect());
         let scripts = self
             .scripts_enabled
             .then_some((&self.script_env, &self.applog));
-        super::leftovers::clean_up(super::leftovers::Cleanup {
+        let report = super::leftovers::clean_up(super::leftovers::Cleanup {
             path: super::leftovers::record_beside(&self.state_path),
             modlog: &self.modlog,
             netlink: self.netlink.as_ref(),
@@ -1467,6 +1547,8 @@ impl Runner {
             force_stop_timeout: self.setup.script_timeouts().force_stop,
         })
         .await;
+        // A failed forced stop stays recorded through the next changes.
+        self.leftovers.start_from(report.record);
     }
 
     fn publish(&self) {
