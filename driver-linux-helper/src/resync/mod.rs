@@ -117,7 +117,7 @@ use std::time::{Duration, Instant};
 use rustix::fs::Stat;
 use safekit_protocol::replication::{Op, RelPath, TimeSet};
 use safekit_protocol::resync::{
-    DirEntry, EntryKind, EntryMeta, MAX_BLOCKS_PER_REQUEST, ReplyBody, RequestBody,
+    BlockHash, DirEntry, EntryKind, EntryMeta, MAX_BLOCKS_PER_REQUEST, ReplyBody, RequestBody,
 };
 
 use crate::dirty::{Change, DirtyLog, DirtyRecord, merge_runs};
@@ -843,6 +843,58 @@ impl ResyncEngine {
                 source: io::Error::from_raw_os_error(libc::EBADF),
             })
     }
+}
+
+/// What to compare of a file of `size` bytes whose replica has `remote_size`:
+/// the scope actually used (ranges cannot explain a replica larger than the
+/// file, since a truncate is recorded whole, nor, with attributes only, a
+/// different size: such a file is compared whole) and the checksum requests,
+/// `(first block, count)` of at most `per_request` blocks, over the blocks
+/// both sides have that cover the recorded ranges (or all of them).
+fn plan_chunks(
+    scope: &Scope,
+    size: u64,
+    remote_size: u64,
+    block_size: u64,
+    per_request: u64,
+) -> (&Scope, Vec<(u64, u64)>) {
+    let compare_blocks = blocks(size.min(remote_size), block_size);
+    let scope = match scope {
+        Scope::Ranges(_) if remote_size > size => &Scope::Whole,
+        Scope::Attrs if remote_size != size => &Scope::Whole,
+        scope => scope,
+    };
+    let runs: Vec<(u64, u64)> = match scope {
+        Scope::Whole => vec![(0, compare_blocks)],
+        Scope::Attrs => Vec::new(),
+        Scope::Ranges(runs) => {
+            let mut wanted: Vec<(u64, u64)> = runs
+                .iter()
+                .filter(|(start, end)| end > start)
+                .map(|&(start, end)| (start / block_size, (end - 1) / block_size + 1))
+                .collect();
+            // The replica's last, partial block when the file grew.
+            if remote_size < size && !remote_size.is_multiple_of(block_size) {
+                let partial = remote_size / block_size;
+                wanted.push((partial, partial + 1));
+            }
+            merge_runs(wanted)
+                .into_iter()
+                .map(|(first, end)| (first, end.min(compare_blocks)))
+                .filter(|(first, end)| end > first)
+                .collect()
+        }
+    };
+    let per_request = per_request.max(1);
+    let chunks = runs
+        .into_iter()
+        .flat_map(|(first, end)| {
+            (first..end)
+                .step_by(usize::try_from(per_request).unwrap_or(1))
+                .map(move |start| (start, (end - start).min(per_request)))
+        })
+        .collect();
+    (scope, chunks)
 }
 
 fn blocks(size: u64, block_size: u64) -> u64 {
@@ -1638,17 +1690,64 @@ impl Run<'_> {
                 }
             }
         };
+        let per_request = u64::from(
+            MAX_BLOCKS_PER_REQUEST.min(
+                u32::try_from((16u64 << 20) / block_size)
+                    .unwrap_or(1)
+                    .max(1),
+            ),
+        );
+        // The replica's metadata, unless the walk listed it. One question gives
+        // it and the hashes of the first chunk to compare (planned as if the
+        // replica had the file's size: the common case, and the only one in
+        // which those hashes are used), saving a round trip per file.
+        let mut prefetched: Option<(u64, u64, u64, Vec<BlockHash>)> = None;
         let remote = match &job.remote {
             Some(remote) => remote.clone(),
             None => {
-                let current = match self.engine.locks.lock_tracked(tracked) {
-                    Some((_guard, current)) => current,
-                    None => return Ok(FileEnd::Vanished),
+                let (first_block, count) =
+                    plan_chunks(&job.scope, size, size, block_size, per_request)
+                        .1
+                        .first()
+                        .copied()
+                        .unwrap_or((0, 0));
+                let ticket = {
+                    let Some((_guard, current)) = self.engine.locks.lock_tracked(tracked) else {
+                        return Ok(FileEnd::Vanished);
+                    };
+                    self.engine.sender.send_request(RequestBody::Checksums {
+                        dir,
+                        path: current,
+                        block_size: config.block_size,
+                        first_block,
+                        count: u32::try_from(count).unwrap_or(MAX_BLOCKS_PER_REQUEST),
+                    })?
                 };
-                self.remote_stat(dir, &current)?
+                match self
+                    .engine
+                    .sender
+                    .wait_reply(ticket, config.request_timeout)?
+                {
+                    ReplyBody::Checksums { meta, hashes } => {
+                        if let Some(meta) = meta.as_ref().filter(|m| m.kind == EntryKind::File) {
+                            prefetched = Some((meta.size, first_block, count, hashes));
+                        }
+                        meta
+                    }
+                    ReplyBody::Failed { .. } => {
+                        let current = match self.engine.locks.lock_tracked(tracked) {
+                            Some((_guard, current)) => current,
+                            None => return Ok(FileEnd::Vanished),
+                        };
+                        self.remote_stat(dir, &current)?
+                    }
+                    _ => return Err(ResyncError::Protocol),
+                }
             }
         };
         let mut created = false;
+        // The mode and owner the replica's file has once created here.
+        let mut created_with = (0, 0, 0);
         let remote = match remote {
             Some(meta) if meta.kind == EntryKind::File => Some(meta),
             other => {
@@ -1683,42 +1782,17 @@ impl Run<'_> {
                     exclusive: false,
                 })?;
                 created = true;
+                created_with = (perm(stat.st_mode), stat.st_uid, stat.st_gid);
                 None
             }
         };
         let remote_size = remote.as_ref().map_or(0, |meta| meta.size);
         let mut sent_any = false;
         let compare_blocks = blocks(size.min(remote_size), block_size);
-        // Which of the blocks both sides have to compare: those covering the
-        // recorded ranges, or all. Ranges cannot explain a replica larger than
-        // the file (a truncate is recorded whole), nor, with attributes only, a
-        // different size: compare such a file whole.
-        let scope = match &job.scope {
-            Scope::Ranges(_) if remote_size > size => &Scope::Whole,
-            Scope::Attrs if remote_size != size => &Scope::Whole,
-            scope => scope,
-        };
-        let mut chunks: Vec<(u64, u64)> = match scope {
-            _ if remote.is_none() => Vec::new(),
-            Scope::Whole => vec![(0, compare_blocks)],
-            Scope::Attrs => Vec::new(),
-            Scope::Ranges(runs) => {
-                let mut wanted: Vec<(u64, u64)> = runs
-                    .iter()
-                    .filter(|(start, end)| end > start)
-                    .map(|&(start, end)| (start / block_size, (end - 1) / block_size + 1))
-                    .collect();
-                // The replica's last, partial block when the file grew.
-                if remote_size < size && remote_size % block_size != 0 {
-                    let partial = remote_size / block_size;
-                    wanted.push((partial, partial + 1));
-                }
-                merge_runs(wanted)
-                    .into_iter()
-                    .map(|(first, end)| (first, end.min(compare_blocks)))
-                    .filter(|(first, end)| end > first)
-                    .collect()
-            }
+        let (scope, chunks) = if remote.is_some() {
+            plan_chunks(&job.scope, size, remote_size, block_size, per_request)
+        } else {
+            (&job.scope, Vec::new())
         };
         if remote.is_some() {
             bump(&counters.file_blocks, blocks(size, block_size));
@@ -1728,24 +1802,22 @@ impl Run<'_> {
                 bump(&counters.files_by_range, 1);
             }
         }
-        // Requests of at most `per_request` blocks, a few in flight.
-        let per_request = u64::from(
-            MAX_BLOCKS_PER_REQUEST.min(
-                u32::try_from((16u64 << 20) / block_size)
-                    .unwrap_or(1)
-                    .max(1),
-            ),
-        );
-        chunks = chunks
-            .into_iter()
-            .flat_map(|(first, end)| {
-                (first..end)
-                    .step_by(usize::try_from(per_request).unwrap_or(1))
-                    .map(move |start| (start, (end - start).min(per_request)))
-            })
-            .collect();
-        let in_flight = if *scope == Scope::Whole { 2 } else { 8 };
+        // The prefetched hashes answer the first chunk when the plan did not change.
+        let mut ready: Option<(u64, u64, Vec<BlockHash>)> = match prefetched {
+            Some((prefetched_size, first, count, hashes))
+                if prefetched_size == remote_size
+                    && remote_size == size
+                    && chunks.first() == Some(&(first, count)) =>
+            {
+                Some((first, count, hashes))
+            }
+            _ => None,
+        };
         let mut chunks = chunks.into_iter();
+        if ready.is_some() {
+            chunks.next();
+        }
+        let in_flight = if *scope == Scope::Whole { 2 } else { 8 };
         let mut differing: Vec<u64> = Vec::new();
         let mut requested: VecDeque<(u64, u64, crate::transport::RequestTicket)> = VecDeque::new();
         let mut buf = vec![0u8; usize::try_from(block_size).unwrap_or(usize::MAX)];
@@ -1769,18 +1841,24 @@ impl Run<'_> {
                 drop(guard);
                 requested.push_back((first_block, count, ticket));
             }
-            let Some((first, count, ticket)) = requested.pop_front() else {
-                break;
-            };
-            self.check_stop()?;
-            let hashes = match self
-                .engine
-                .sender
-                .wait_reply(ticket, config.request_timeout)?
-            {
-                ReplyBody::Checksums { hashes, .. } => hashes,
-                ReplyBody::Failed { .. } => Vec::new(),
-                _ => return Err(ResyncError::Protocol),
+            let (first, count, hashes) = match ready.take() {
+                Some(ready) => ready,
+                None => {
+                    let Some((first, count, ticket)) = requested.pop_front() else {
+                        break;
+                    };
+                    self.check_stop()?;
+                    let hashes = match self
+                        .engine
+                        .sender
+                        .wait_reply(ticket, config.request_timeout)?
+                    {
+                        ReplyBody::Checksums { hashes, .. } => hashes,
+                        ReplyBody::Failed { .. } => Vec::new(),
+                        _ => return Err(ResyncError::Protocol),
+                    };
+                    (first, count, hashes)
+                }
             };
             for index in 0..count {
                 let block = first + index;
@@ -1816,7 +1894,12 @@ impl Run<'_> {
                 source: e.into(),
             })?;
             let now = tree::meta(&stat, Vec::new());
-            if created || sent_any || now.size != remote_size || now.size != size {
+            // The size is right without a truncate when the replica had the
+            // file's size, or when it was created here and every block up to
+            // the size was shipped; shipped blocks end inside the file, and a
+            // file that changed size meanwhile has `now.size != size`.
+            let size_settled = now.size == size && (created || now.size == remote_size);
+            if !size_settled {
                 self.submit(Op::Truncate {
                     dir,
                     path: current.clone(),
@@ -1827,7 +1910,25 @@ impl Run<'_> {
                 .as_ref()
                 .is_none_or(|r| !same_attrs(r, &now) || r.mtime != now.mtime);
             if created || sent_any || now.size != remote_size || attrs_differ {
-                self.set_attrs(dir, &current, &now, true)?;
+                // The mtime, and the mode and owner only where they differ
+                // from the replica's (as created, or as it answered: a live
+                // change since is in `now` and shipped after that answer).
+                // A change of owner clears set-id bits: the mode goes with it.
+                let (mode, uid, gid) = match &remote {
+                    Some(r) => (perm(r.mode), r.uid, r.gid),
+                    None => created_with,
+                };
+                let owner_differs = now.uid != uid || now.gid != gid;
+                self.submit(Op::SetAttr {
+                    dir,
+                    path: current.clone(),
+                    mode: (owner_differs || perm(now.mode) != mode).then_some(perm(now.mode)),
+                    uid: owner_differs.then_some(now.uid),
+                    gid: owner_differs.then_some(now.gid),
+                    atime: None,
+                    mtime: Some(TimeSet::At(now.mtime)),
+                })?;
+                bump(&counters.attr_updates, 1);
             }
             if created || sent_any {
                 bump(&counters.files_sent, 1);
@@ -1910,7 +2011,6 @@ impl Run<'_> {
                     .unwrap_or_else(PoisonError::into_inner)
                     .0,
             );
-            self.confirm(&pending)?;
             let dirs: Vec<(u16, RelPath)> = std::mem::take(
                 &mut *self
                     .touched_dirs
@@ -1957,6 +2057,17 @@ impl Run<'_> {
                 return Ok(());
             }
             drop(namespace);
+            // The barrier made the pending files durable on the replica: a
+            // run interrupted from here on skips them.
+            if let Some(cursor) = &self.cursor
+                && !pending.is_empty()
+            {
+                cursor
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .mark_done(&pending)
+                    .map_err(io_error("resync cursor"))?;
+            }
             if self.counters().extra_passes.load(Ordering::Relaxed) >= MAX_EXTRA_PASSES {
                 return Err(ResyncError::Remote {
                     path: format!(
@@ -1999,5 +2110,68 @@ impl Run<'_> {
                         .unwrap_or_else(PoisonError::into_inner),
                 );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const B: u64 = 64 * 1024;
+
+    #[test]
+    fn recorded_ranges_plan_only_the_blocks_covering_them() {
+        let scope = Scope::Ranges(vec![(10, 20), (5 * B + 1, 7 * B), (100 * B, 100 * B + 1)]);
+        let (used, chunks) = plan_chunks(&scope, 128 * B, 128 * B, B, 256);
+        assert_eq!(used, &scope);
+        assert_eq!(chunks, vec![(0, 1), (5, 2), (100, 1)]);
+    }
+
+    #[test]
+    fn a_grown_file_also_compares_the_replicas_partial_last_block() {
+        let scope = Scope::Ranges(vec![(10 * B, 12 * B)]);
+        let (_, chunks) = plan_chunks(&scope, 12 * B, 3 * B + 7, B, 256);
+        // Blocks from 4 on are shipped as the tail, not compared.
+        assert_eq!(chunks, vec![(3, 1)]);
+    }
+
+    #[test]
+    fn sizes_the_records_cannot_explain_fall_back_to_the_whole_file() {
+        let ranges = Scope::Ranges(vec![(0, 1)]);
+        let (used, chunks) = plan_chunks(&ranges, 4 * B, 6 * B, B, 3);
+        assert_eq!(used, &Scope::Whole);
+        assert_eq!(chunks, vec![(0, 3), (3, 1)]);
+        let (used, chunks) = plan_chunks(&Scope::Attrs, 4 * B, 4 * B, B, 3);
+        assert_eq!((used, chunks), (&Scope::Attrs, vec![]));
+        let (used, _) = plan_chunks(&Scope::Attrs, 4 * B, 4 * B - 1, B, 3);
+        assert_eq!(used, &Scope::Whole);
+    }
+
+    #[test]
+    fn records_of_one_name_merge_into_one_scope() {
+        let p = |s: &str| RelPath::parse(s.as_bytes()).expect("valid");
+        let record = |path: &str, change| DirtyRecord {
+            dir: 0,
+            path: p(path),
+            change,
+        };
+        let range =
+            |offset, len| Change::Range(safekit_protocol::replication::ByteRange { offset, len });
+        let merged = scopes(vec![
+            record("f", range(0, 10)),
+            record("d", Change::Attrs),
+            record("f", Change::Attrs),
+            record("f", range(5, 10)),
+            record("g", range(0, 1)),
+            record("g", Change::Whole),
+        ]);
+        assert_eq!(
+            merged,
+            vec![
+                (0, p("f"), Scope::Ranges(vec![(0, 15)])),
+                (0, p("d"), Scope::Attrs),
+                (0, p("g"), Scope::Whole),
+            ]
+        );
     }
 }

@@ -51,7 +51,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use safekit_protocol::auth::{self, Hello, PROTOCOL_VERSION, Proof};
-use safekit_protocol::frame::{EncodedBody, FrameDecoder, HEADER_LEN, Message};
+use safekit_protocol::frame::{EncodedBody, FrameDecoder, HEADER_LEN, Kind, Message};
 use safekit_protocol::replication::{Op, RelPath};
 use safekit_protocol::resync::{ReplyBody, RequestBody, ResyncRequest};
 
@@ -175,9 +175,13 @@ struct Pending {
     has_waiter: bool,
 }
 
+/// A frame waiting for the writer thread. Its header (a checksum over the
+/// payload) is built by the writer thread ([`super::frame_header`]), outside
+/// the state lock that every replicating thread takes.
 #[derive(Debug)]
 struct OutFrame {
-    header: [u8; HEADER_LEN],
+    kind: Kind,
+    seq: u64,
     body: EncodedBody,
 }
 
@@ -234,6 +238,9 @@ struct Shared {
     state: Mutex<State>,
     /// Waiters of `replicate()` wait here (acknowledgements, role changes).
     changed: Condvar,
+    /// Waiters of resync replies wait here (replies, role changes, connection
+    /// loss): apart from `changed`, so that acknowledgements do not wake them.
+    replied: Condvar,
     /// The watchdog and the connection thread wait here (role changes, connection loss, shutdown).
     control: Condvar,
     /// The writer waits here for frames.
@@ -289,6 +296,7 @@ impl Sender {
             }),
             config,
             changed: Condvar::new(),
+            replied: Condvar::new(),
             control: Condvar::new(),
             outq_ready: Condvar::new(),
             subscribers: Mutex::new(Vec::new()),
@@ -350,6 +358,7 @@ impl Sender {
             }
         }
         shared.changed.notify_all();
+        shared.replied.notify_all();
         shared.control.notify_all();
     }
 
@@ -382,7 +391,8 @@ impl Sender {
         let encoded =
             EncodedBody::new(&message).map_err(|error| RequestFailed::Encode(error.to_string()))?;
         state.outq.push_back(OutFrame {
-            header: encoded.header(0),
+            kind: Kind::ResyncRequest,
+            seq: 0,
             body: encoded,
         });
         state.requests.insert(id, None);
@@ -429,7 +439,7 @@ impl Sender {
             }
             state = self
                 .shared
-                .changed
+                .replied
                 .wait_timeout(state, deadline - now)
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
@@ -487,6 +497,7 @@ impl Drop for Sender {
             state.resolved_below = state.next_seq;
         }
         self.shared.changed.notify_all();
+        self.shared.replied.notify_all();
         self.shared.control.notify_all();
         self.shared.outq_ready.notify_all();
         for thread in self.threads.drain(..) {
@@ -579,8 +590,11 @@ impl Replicator for Sender {
             let seq = state.next_seq;
             state.next_seq += 1;
             let frame_bytes = HEADER_LEN + body.payload_len();
-            let header = body.header(seq);
-            state.outq.push_back(OutFrame { header, body });
+            state.outq.push_back(OutFrame {
+                kind: Kind::Op,
+                seq,
+                body,
+            });
             state.pending.push_back(Pending {
                 seq,
                 touched: touched.clone(),
@@ -752,6 +766,7 @@ impl Shared {
         state.stats.connected = false;
         state.generation += 1;
         self.changed.notify_all();
+        self.replied.notify_all();
         self.control.notify_all();
         self.outq_ready.notify_all();
         if let Some(reason) = lost_reason {
@@ -957,7 +972,7 @@ fn writer_loop(shared: &Shared, stream: TcpStream, generation: u64) {
         let written = batch
             .iter()
             .try_for_each(|frame| {
-                writer.write_all(&frame.header)?;
+                writer.write_all(&super::frame_header(frame.kind, frame.seq, &frame.body))?;
                 writer.write_all(frame.body.payload())
             })
             .and_then(|()| writer.flush());
@@ -1074,7 +1089,8 @@ fn reader_loop(shared: &Shared, mut stream: TcpStream, mut decoder: FrameDecoder
                     return;
                 }
                 state.outq.push_back(OutFrame {
-                    header: body.header(0),
+                    kind: Kind::Pong,
+                    seq: 0,
                     body,
                 });
                 shared.outq_ready.notify_one();
@@ -1087,7 +1103,7 @@ fn reader_loop(shared: &Shared, mut stream: TcpStream, mut decoder: FrameDecoder
                 match state.requests.get_mut(&reply.id) {
                     Some(slot @ None) => {
                         *slot = Some(reply.body);
-                        shared.changed.notify_all();
+                        shared.replied.notify_all();
                     }
                     // A request whose waiter gave up (timeout): drop the late answer.
                     _ => tracing::debug!(id = reply.id, "resync reply nobody waits for"),
