@@ -1066,7 +1066,7 @@ pub mod linux {
                                 critical: false,
                                 message: format!(
                                     "Reintegration served in {:.1} s: {} files examined, {} sent \
-                                     ({} resumed), {} of {} blocks sent, {} bytes sent, {} entries \
+                                     ({} resumed), {} blocks sent, {} bytes sent, {} entries \
                                      deleted, {} attribute updates; {} blocks compared of {} in \
                                      the files compared ({} files over their recorded ranges, {} \
                                      whole)",
@@ -1075,7 +1075,6 @@ pub mod linux {
                                     stats.files_sent,
                                     stats.files_resumed,
                                     stats.blocks_sent,
-                                    stats.blocks_compared,
                                     stats.bytes_sent,
                                     stats.entries_deleted,
                                     stats.attr_updates,

@@ -525,7 +525,7 @@ fn race_text(race: &RaceRun) -> String {
              too): trees identical afterwards (content, type, mode, owner, size; then mtimes \
              after a settling pass). The library test \
              `resync_while_writers_rewrite_create_rename_and_delete_ends_identical` at \
-             `SAFEKIT_RESYNC_RACE_MIB={}` (CI runs it at 64 MiB), release build, loopback, \
+             `SAFEKIT_RESYNC_RACE_MIB={}` (CI runs it at 1024 MiB too, in a debug build), release build, loopback, \
              {seconds:.0} s including the build check and writing the file.",
             race.mib, race.mib
         ),
