@@ -954,3 +954,96 @@ fn a_stopped_resync_reports_it_and_the_next_run_completes() {
     assert_same_trees(&pair, true);
     assert!(stats.bytes_sent <= total);
 }
+
+/// The small files of an incremental resync are asked about in batches: the
+/// names in a batch must stay right while live writes, renames (also over
+/// files of the batch) and deletes of those very files go on.
+#[test]
+fn incremental_resync_of_small_files_while_they_are_rewritten_renamed_and_deleted_ends_identical() {
+    let pair = Arc::new(Pair::new(Role::Replicating));
+    let mut rng = Rng(31);
+    populate(&pair.primary, &mut rng, 4, 100, 0, 0);
+    pair.resync(ResyncKind::Full);
+    assert_same_trees(&pair, true);
+
+    // While alone, 300 small files change: the dirty log names them all.
+    pair.sender.set_role(Role::Alone);
+    let mut names = Vec::new();
+    for index in 0..300 {
+        let name = format!("d{:02}/f{:03}", index % 4, index / 4);
+        let data = rng.bytes(100);
+        fs::OpenOptions::new()
+            .write(true)
+            .open(pair.local(&name))
+            .expect("open")
+            .write_all_at(&data, 10)
+            .expect("rewrite");
+        pair.alone(Op::Write {
+            dir: 0,
+            path: p(&name),
+            offset: 10,
+            data,
+        });
+        names.push(name);
+    }
+    pair.replicate_again();
+
+    // The churn starts once the resync runs (its first progress report): a
+    // recorded file renamed live before that would carry the replica's stale
+    // copy to a name no log records.
+    let started = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let churn = {
+        let (pair, stop, started) = (Arc::clone(&pair), Arc::clone(&stop), Arc::clone(&started));
+        std::thread::spawn(move || {
+            let mut rng = Rng(77);
+            let mut round = 0u64;
+            while !started.load(Ordering::SeqCst) && !stop.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            while !stop.load(Ordering::SeqCst) && names.len() > 2 {
+                round += 1;
+                let i = rng.below(names.len() as u64) as usize;
+                match rng.below(4) {
+                    0 | 1 => {
+                        let len = 1 + rng.below(8000) as usize;
+                        assert!(pair.live_write(&names[i], 0, &rng.bytes(len)));
+                    }
+                    2 => {
+                        let to = format!("d{:02}/r{round}", round % 4);
+                        pair.live_rename(&names[i], &to);
+                        names[i] = to;
+                    }
+                    _ => {
+                        // Over another recorded file, or a delete.
+                        let j = (i + 1) % names.len();
+                        if round.is_multiple_of(2) {
+                            pair.live_rename(&names[i], &names[j]);
+                            names[i] = names[j].clone();
+                        } else {
+                            pair.live_unlink(&names[j]);
+                        }
+                        names.remove(j);
+                    }
+                }
+            }
+            round
+        })
+    };
+    let engine = {
+        let started = Arc::clone(&started);
+        pair.engine(pair.config())
+            .on_progress(Box::new(move |_| started.store(true, Ordering::SeqCst)))
+    };
+    let outcome = engine.run(ResyncKind::Incremental { extra: Vec::new() });
+    stop.store(true, Ordering::SeqCst);
+    assert!(
+        matches!(outcome, Ok(ResyncOutcome::Completed { .. })),
+        "{outcome:?}"
+    );
+    let rounds = churn.join().expect("churn");
+    eprintln!("{rounds} live operations during the resync");
+    assert_same_trees(&pair, false);
+    pair.resync(ResyncKind::Full);
+    assert_same_trees(&pair, true);
+}

@@ -37,6 +37,9 @@ pub const MIN_BLOCK_SIZE: u32 = 4096;
 /// Most entries one listing reply carries.
 pub const MAX_LIST_ENTRIES: u32 = 4096;
 
+/// Most files one batched checksum request ([`RequestBody::ChecksumsBatch`]) may name.
+pub const MAX_FILES_PER_BATCH: u32 = 256;
+
 /// A block's strong hash (SHA-256).
 pub type BlockHash = [u8; 32];
 
@@ -130,6 +133,46 @@ pub enum RequestBody {
     /// node may forget the files its activity log held, they now equal the
     /// primary's.
     ForgetActivity,
+    /// [`RequestBody::Checksums`] of several files in one question (small
+    /// files: one round trip and one wake-up of the receiver for many files).
+    /// At most [`MAX_FILES_PER_BATCH`] files and [`MAX_BLOCKS_PER_REQUEST`]
+    /// blocks in all.
+    ChecksumsBatch {
+        /// Block size in bytes, within [`MIN_BLOCK_SIZE`]..=[`MAX_BLOCK_SIZE`].
+        block_size: u32,
+        /// The files, answered in this order.
+        files: Vec<ChecksumItem>,
+    },
+}
+
+/// One file of a [`RequestBody::ChecksumsBatch`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChecksumItem {
+    /// Replicated directory.
+    pub dir: u16,
+    /// The file.
+    pub path: RelPath,
+    /// First block.
+    pub first_block: u64,
+    /// Number of blocks.
+    pub count: u32,
+}
+
+/// The answer about one file of a [`RequestBody::ChecksumsBatch`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FileChecksums {
+    /// As [`ReplyBody::Checksums`].
+    Found {
+        /// The file's metadata (`None`: the path does not exist).
+        meta: Option<EntryMeta>,
+        /// One hash per block that exists, from `first_block` on.
+        hashes: Vec<BlockHash>,
+    },
+    /// The receiver could not answer about this file (`errno`).
+    Failed {
+        /// The errno.
+        errno: i32,
+    },
 }
 
 /// A question with its identifier (the reply carries the same).
@@ -172,6 +215,8 @@ pub enum ReplyBody {
         /// The errno.
         errno: i32,
     },
+    /// Answer to `ChecksumsBatch`: one answer per file, in the request's order.
+    ChecksumsBatch(Vec<FileChecksums>),
 }
 
 /// An answer with the identifier of its question.
@@ -212,6 +257,25 @@ impl ResyncRequest {
                 path.validate().map_err(RequestError::Path)?;
                 if let Some(name) = start_after {
                     RelPath::root().join(name).map_err(RequestError::Path)?;
+                }
+                Ok(())
+            }
+            RequestBody::ChecksumsBatch { block_size, files } => {
+                if !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(block_size) {
+                    return Err(RequestError::BlockSize(*block_size));
+                }
+                let count = u32::try_from(files.len()).unwrap_or(u32::MAX);
+                if count > MAX_FILES_PER_BATCH {
+                    return Err(RequestError::TooManyFiles(count));
+                }
+                let blocks = files
+                    .iter()
+                    .fold(0u32, |sum, file| sum.saturating_add(file.count));
+                if blocks > MAX_BLOCKS_PER_REQUEST {
+                    return Err(RequestError::TooManyBlocks(blocks));
+                }
+                for file in files {
+                    file.path.validate().map_err(RequestError::Path)?;
                 }
                 Ok(())
             }
@@ -260,6 +324,9 @@ pub enum RequestError {
     /// Too many blocks in one request.
     #[error("{0} blocks in one request exceed the limit")]
     TooManyBlocks(u32),
+    /// Too many files in one batched request.
+    #[error("{0} files in one request exceed the limit")]
+    TooManyFiles(u32),
 }
 
 #[cfg(test)]
@@ -294,5 +361,35 @@ mod tests {
             },
         };
         assert!(matches!(listing.validate(), Err(RequestError::Path(_))));
+    }
+
+    #[test]
+    fn batched_checksum_requests_are_bounded_in_files_blocks_and_paths() {
+        let item = |path: &[u8], count| ChecksumItem {
+            dir: 0,
+            path: RelPath::parse(path).expect("valid"),
+            first_block: 0,
+            count,
+        };
+        let batch = |files: Vec<ChecksumItem>| ResyncRequest {
+            id: 3,
+            body: RequestBody::ChecksumsBatch {
+                block_size: 65536,
+                files,
+            },
+        };
+        assert_eq!(
+            batch(vec![item(b"a", 1), item(b"b/c", 0)]).validate(),
+            Ok(())
+        );
+        let many = MAX_FILES_PER_BATCH as usize + 1;
+        assert_eq!(
+            batch(vec![item(b"a", 0); many]).validate(),
+            Err(RequestError::TooManyFiles(MAX_FILES_PER_BATCH + 1))
+        );
+        assert_eq!(
+            batch(vec![item(b"a", MAX_BLOCKS_PER_REQUEST), item(b"b", 1)]).validate(),
+            Err(RequestError::TooManyBlocks(MAX_BLOCKS_PER_REQUEST + 1))
+        );
     }
 }

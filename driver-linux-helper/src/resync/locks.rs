@@ -324,6 +324,14 @@ impl FileLocks {
 }
 
 impl Tracked {
+    /// The file's current name; `None` once it vanished. Stable while the
+    /// namespace is held (shared or exclusively): only renames and removals,
+    /// which hold it exclusively, change it.
+    pub(crate) fn current(&self) -> Option<RelPath> {
+        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        (!state.vanished).then(|| state.path.clone())
+    }
+
     /// Marks the file vanished (its name no longer names it, as far as we can tell).
     pub(crate) fn set_vanished(&self) {
         self.state

@@ -60,6 +60,12 @@
 //!   block in full, and so is a file whose replica size the ranges cannot
 //!   explain. [`ResyncStats`] counts the files of each kind and the blocks
 //!   compared against the blocks of the files compared.
+//!   Small files (compared over at most one block) are asked about in
+//!   batches (`ChecksumsBatch`, [`Run::ask_batch`]) a few batches ahead of
+//!   the workers, so that a file costs no round trip of its own; the names in
+//!   a batch are read with the namespace held shared, which keeps them right
+//!   at the question's place in the stream as a file's data lock does for a
+//!   single question.
 //! - Full ([`ResyncKind::Full`]): every directory of the primary is listed
 //!   and compared with the replica's listing (type, size, mtime, mode, owner):
 //!   extra entries are removed, missing ones created, and files whose size or
@@ -117,7 +123,8 @@ use std::time::{Duration, Instant};
 use rustix::fs::Stat;
 use safekit_protocol::replication::{Op, RelPath, TimeSet};
 use safekit_protocol::resync::{
-    BlockHash, DirEntry, EntryKind, EntryMeta, MAX_BLOCKS_PER_REQUEST, ReplyBody, RequestBody,
+    BlockHash, ChecksumItem, DirEntry, EntryKind, EntryMeta, FileChecksums, MAX_BLOCKS_PER_REQUEST,
+    MAX_FILES_PER_BATCH, ReplyBody, RequestBody,
 };
 
 use crate::dirty::{Change, DirtyLog, DirtyRecord, merge_runs};
@@ -513,7 +520,54 @@ struct Job {
     parent_known: bool,
     /// What to compare.
     scope: Scope,
+    /// Already tracked (by the batch that asked about it); tracked by the worker otherwise.
+    tracking: Option<Tracking>,
+    /// The replica's answer about the first chunk, asked in a batch.
+    prefetch: Option<Prefetch>,
 }
+
+/// A tracked file, untracked when dropped (also when its job is dropped unrun).
+#[derive(Debug)]
+struct Tracking {
+    locks: Arc<FileLocks>,
+    tracked: Arc<locks::Tracked>,
+}
+
+impl Tracking {
+    fn new(locks: &Arc<FileLocks>, dir: u16, path: &RelPath) -> Self {
+        Tracking {
+            locks: Arc::clone(locks),
+            tracked: locks.track(dir, path),
+        }
+    }
+}
+
+impl Drop for Tracking {
+    fn drop(&mut self) {
+        self.locks.untrack(&self.tracked);
+    }
+}
+
+/// The replica's metadata and the hashes of blocks `first_block .. first_block
+/// + count` of a file, as a batched question found them.
+#[derive(Debug)]
+struct Prefetch {
+    first_block: u64,
+    count: u64,
+    meta: Option<EntryMeta>,
+    hashes: Vec<BlockHash>,
+}
+
+/// Files asked about in one batched question (see [`Run::ask_batch`]): the
+/// small files of an incremental resync, whose comparison is one chunk of at
+/// most one block, so that a file costs no round trip of its own.
+const BATCH_FILES: usize = 128;
+
+/// Batched questions in flight while the workers compare the files of earlier ones.
+const BATCHES_IN_FLIGHT: usize = 2;
+
+/// A batch of jobs asked about, `(job, first block, count)`, with its ticket.
+type AskedBatch = (crate::transport::RequestTicket, Vec<(Job, u64, u64)>);
 
 /// What an incremental resync compares of one name, from its dirty records.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -895,6 +949,17 @@ fn plan_chunks(
         })
         .collect();
     (scope, chunks)
+}
+
+/// Blocks per checksum question: at most 16 MiB of the replica's data hashed per answer.
+fn blocks_per_request(block_size: u64) -> u64 {
+    u64::from(
+        MAX_BLOCKS_PER_REQUEST.min(
+            u32::try_from((16u64 << 20) / block_size.max(1))
+                .unwrap_or(1)
+                .max(1),
+        ),
+    )
 }
 
 fn blocks(size: u64, block_size: u64) -> u64 {
@@ -1450,24 +1515,131 @@ impl Run<'_> {
                 }
                 bump(&counters.files_done, 1);
             }
+            // Small files are asked about in batches (one round trip for
+            // many), a few batches ahead of the workers; the others ask
+            // about themselves.
+            let block_size = u64::from(self.engine.config.block_size);
+            let per_request = blocks_per_request(block_size);
+            let batch_files = BATCH_FILES
+                .min(MAX_FILES_PER_BATCH as usize)
+                .min(usize::try_from(per_request).unwrap_or(1));
+            let mut batch: Vec<(Job, u64, u64)> = Vec::new();
+            let mut asked: VecDeque<AskedBatch> = VecDeque::new();
             for (dir, path, size, scope) in files {
                 if self.skip_resumed(dir, &path, size) {
                     continue;
                 }
                 self.note_parent(dir, &path);
-                queue(Job {
+                let chunks = plan_chunks(&scope, size, size, block_size, per_request).1;
+                let job = Job {
                     dir,
                     path,
                     remote: None,
                     parent_known: false,
                     scope,
-                })?;
+                    tracking: None,
+                    prefetch: None,
+                };
+                match chunks.as_slice() {
+                    [] => batch.push((job, 0, 0)),
+                    [(first, count)] if *count <= 1 => batch.push((job, *first, *count)),
+                    _ => queue(job)?,
+                }
+                if batch.len() >= batch_files {
+                    asked.push_back(self.ask_batch(std::mem::take(&mut batch))?);
+                    while asked.len() > BATCHES_IN_FLIGHT {
+                        if let Some(oldest) = asked.pop_front() {
+                            self.queue_batch(oldest, queue)?;
+                        }
+                    }
+                }
+            }
+            if !batch.is_empty() {
+                asked.push_back(self.ask_batch(batch)?);
+            }
+            while let Some(oldest) = asked.pop_front() {
+                self.queue_batch(oldest, queue)?;
             }
             Ok(())
         });
         walked?;
         for (dir, path) in &roots {
             self.engine.locks.mark_finished(*dir, path);
+        }
+        Ok(())
+    }
+
+    /// Tracks the files of `batch` and asks the replica about all of them in
+    /// one question, placed in the stream with the namespace held shared: no
+    /// rename or removal comes between reading their current names and
+    /// queueing the question, so each name in it is the file's name at the
+    /// question's place in the stream (as a single file's question, asked
+    /// under its data lock, has it). Files that vanished are dropped.
+    fn ask_batch(&self, batch: Vec<(Job, u64, u64)>) -> Result<AskedBatch, ResyncError> {
+        let mut jobs = Vec::with_capacity(batch.len());
+        for (mut job, first, count) in batch {
+            job.tracking = Some(Tracking::new(&self.engine.locks, job.dir, &job.path));
+            jobs.push((job, first, count));
+        }
+        let _namespace = self.engine.locks.shared_namespace();
+        let mut files = Vec::with_capacity(jobs.len());
+        jobs.retain(|(job, first, count)| {
+            let current = job
+                .tracking
+                .as_ref()
+                .and_then(|tracking| tracking.tracked.current());
+            let Some(current) = current else {
+                return false;
+            };
+            files.push(ChecksumItem {
+                dir: job.dir,
+                path: current,
+                first_block: *first,
+                count: u32::try_from(*count).unwrap_or(1),
+            });
+            true
+        });
+        let ticket = self
+            .engine
+            .sender
+            .send_request(RequestBody::ChecksumsBatch {
+                block_size: self.engine.config.block_size,
+                files,
+            })?;
+        Ok((ticket, jobs))
+    }
+
+    /// Waits for the answer to a batched question and queues its jobs, each
+    /// with its file's answer (a file the replica could not answer about, or
+    /// a whole batch refused, asks again on its own).
+    fn queue_batch(
+        &self,
+        (ticket, jobs): AskedBatch,
+        queue: &dyn Fn(Job) -> Result<(), ResyncError>,
+    ) -> Result<(), ResyncError> {
+        let answers = match self
+            .engine
+            .sender
+            .wait_reply(ticket, self.engine.config.request_timeout)?
+        {
+            ReplyBody::ChecksumsBatch(answers) if answers.len() == jobs.len() => answers
+                .into_iter()
+                .map(|answer| match answer {
+                    FileChecksums::Found { meta, hashes } => Some((meta, hashes)),
+                    FileChecksums::Failed { .. } => None,
+                })
+                .collect(),
+            ReplyBody::Failed { .. } => vec![None; jobs.len()],
+            _ => return Err(ResyncError::Protocol),
+        };
+        for ((mut job, first_block, count), answer) in jobs.into_iter().zip(answers) {
+            job.prefetch = answer.map(|(meta, hashes)| Prefetch {
+                first_block,
+                count,
+                meta,
+                hashes,
+            });
+            queue(job)?;
         }
         Ok(())
     }
@@ -1593,6 +1765,8 @@ impl Run<'_> {
                                 remote: Some(remote),
                                 parent_known: true,
                                 scope: Scope::Whole,
+                                tracking: None,
+                                prefetch: None,
                             })?;
                         }
                     }
@@ -1639,16 +1813,12 @@ impl Run<'_> {
     }
 
     /// Brings one regular file up to date (a worker's job).
-    fn sync_file(&self, job: Job) -> Result<(), ResyncError> {
-        let tracked = self.engine.locks.track(job.dir, &job.path);
-        struct Untrack<'a>(&'a FileLocks, &'a Arc<locks::Tracked>);
-        impl Drop for Untrack<'_> {
-            fn drop(&mut self) {
-                self.0.untrack(self.1);
-            }
-        }
-        let _untrack = Untrack(&self.engine.locks, &tracked);
-        let result = self.sync_tracked(&job, &tracked);
+    fn sync_file(&self, mut job: Job) -> Result<(), ResyncError> {
+        let tracking = match job.tracking.take() {
+            Some(tracking) => tracking,
+            None => Tracking::new(&self.engine.locks, job.dir, &job.path),
+        };
+        let result = self.sync_tracked(&job, &tracking.tracked);
         match result {
             Ok(FileEnd::Done) | Ok(FileEnd::Vanished) => Ok(()),
             Err(error) => Err(error),
@@ -1690,21 +1860,26 @@ impl Run<'_> {
                 }
             }
         };
-        let per_request = u64::from(
-            MAX_BLOCKS_PER_REQUEST.min(
-                u32::try_from((16u64 << 20) / block_size)
-                    .unwrap_or(1)
-                    .max(1),
-            ),
-        );
+        let per_request = blocks_per_request(block_size);
         // The replica's metadata, unless the walk listed it. One question gives
         // it and the hashes of the first chunk to compare (planned as if the
         // replica had the file's size: the common case, and the only one in
         // which those hashes are used), saving a round trip per file.
         let mut prefetched: Option<(u64, u64, u64, Vec<BlockHash>)> = None;
-        let remote = match &job.remote {
-            Some(remote) => remote.clone(),
-            None => {
+        let remote = match (&job.remote, &job.prefetch) {
+            (Some(remote), _) => remote.clone(),
+            (None, Some(asked)) => {
+                if let Some(meta) = asked.meta.as_ref().filter(|m| m.kind == EntryKind::File) {
+                    prefetched = Some((
+                        meta.size,
+                        asked.first_block,
+                        asked.count,
+                        asked.hashes.clone(),
+                    ));
+                }
+                asked.meta.clone()
+            }
+            (None, None) => {
                 let (first_block, count) =
                     plan_chunks(&job.scope, size, size, block_size, per_request)
                         .1

@@ -5,7 +5,8 @@
 //! (see [`safekit_protocol::resync`]). Reads go through [`super::tree`]
 //! beneath the replica's directory descriptors; a request never changes the
 //! replica. Checksum requests are bounded by the protocol (at most
-//! [`MAX_BLOCKS_PER_REQUEST`] blocks), so one answer holds up live operations
+//! [`MAX_BLOCKS_PER_REQUEST`] blocks, also in all for a batch of small files),
+//! so one answer holds up live operations
 //! for at most the time to read and hash that much.
 //!
 //! The receiving node's own activity log ([`ReceiverActivity`]) is the other
@@ -21,8 +22,8 @@ use std::sync::{Mutex, PoisonError};
 
 use rustix::fs::{Mode, OFlags};
 use safekit_protocol::resync::{
-    EntryKind, MAX_BLOCKS_PER_REQUEST, MAX_LIST_ENTRIES, ReplyBody, RequestBody, ResyncReply,
-    ResyncRequest,
+    BlockHash, EntryKind, EntryMeta, FileChecksums, MAX_BLOCKS_PER_REQUEST, MAX_FILES_PER_BATCH,
+    MAX_LIST_ENTRIES, ReplyBody, RequestBody, ResyncReply, ResyncRequest,
 };
 
 use safekit_protocol::replication::RelPath;
@@ -118,6 +119,47 @@ fn root(dirs: &[OwnedFd], dir: u16) -> io::Result<std::os::fd::BorrowedFd<'_>> {
         .ok_or_else(|| io::Error::from_raw_os_error(libc::EBADF))
 }
 
+/// The metadata of `path` and the hashes of its blocks `first_block ..
+/// first_block + count` (fewer when the file is shorter; none when it is not
+/// a regular file).
+fn checksums(
+    dirs: &[OwnedFd],
+    dir: u16,
+    path: &RelPath,
+    block_size: u32,
+    first_block: u64,
+    count: u32,
+) -> io::Result<(Option<EntryMeta>, Vec<BlockHash>)> {
+    let root = root(dirs, dir)?;
+    let Some((_, meta)) = tree::lstat(root, path)? else {
+        return Ok((None, Vec::new()));
+    };
+    if meta.kind != EntryKind::File {
+        return Ok((Some(meta), Vec::new()));
+    }
+    let Some((fd, stat)) = tree::open_regular(root, path)? else {
+        return Ok((Some(meta), Vec::new()));
+    };
+    let meta = tree::meta(&stat, Vec::new());
+    let block_size = u64::from(block_size);
+    let mut buf = vec![0u8; usize::try_from(block_size).unwrap_or(usize::MAX)];
+    let mut hashes = Vec::new();
+    for block in (first_block..).take(count.min(MAX_BLOCKS_PER_REQUEST) as usize) {
+        let Some(offset) = block.checked_mul(block_size) else {
+            break;
+        };
+        if offset >= meta.size {
+            break;
+        }
+        let n = tree::read_at(&fd, &mut buf, offset)?;
+        if n == 0 {
+            break;
+        }
+        hashes.push(tree::hash(&buf[..n]));
+    }
+    Ok((Some(meta), hashes))
+}
+
 fn body(
     dirs: &[OwnedFd],
     activity: Option<&ReceiverActivity>,
@@ -143,47 +185,30 @@ fn body(
             first_block,
             count,
         } => {
-            let root = root(dirs, *dir)?;
-            let Some((_, meta)) = tree::lstat(root, path)? else {
-                return Ok(ReplyBody::Checksums {
-                    meta: None,
-                    hashes: Vec::new(),
-                });
-            };
-            if meta.kind != EntryKind::File {
-                return Ok(ReplyBody::Checksums {
-                    meta: Some(meta),
-                    hashes: Vec::new(),
-                });
-            }
-            let Some((fd, stat)) = tree::open_regular(root, path)? else {
-                return Ok(ReplyBody::Checksums {
-                    meta: Some(meta),
-                    hashes: Vec::new(),
-                });
-            };
-            let meta = tree::meta(&stat, Vec::new());
-            let block_size = u64::from(*block_size);
-            let mut buf = vec![0u8; usize::try_from(block_size).unwrap_or(usize::MAX)];
-            let mut hashes = Vec::new();
-            for block in (*first_block..).take((*count).min(MAX_BLOCKS_PER_REQUEST) as usize) {
-                let Some(offset) = block.checked_mul(block_size) else {
-                    break;
-                };
-                if offset >= meta.size {
-                    break;
-                }
-                let n = tree::read_at(&fd, &mut buf, offset)?;
-                if n == 0 {
-                    break;
-                }
-                hashes.push(tree::hash(&buf[..n]));
-            }
-            Ok(ReplyBody::Checksums {
-                meta: Some(meta),
-                hashes,
-            })
+            let (meta, hashes) = checksums(dirs, *dir, path, *block_size, *first_block, *count)?;
+            Ok(ReplyBody::Checksums { meta, hashes })
         }
+        RequestBody::ChecksumsBatch { block_size, files } => Ok(ReplyBody::ChecksumsBatch(
+            files
+                .iter()
+                .take(MAX_FILES_PER_BATCH as usize)
+                .map(|file| {
+                    match checksums(
+                        dirs,
+                        file.dir,
+                        &file.path,
+                        *block_size,
+                        file.first_block,
+                        file.count,
+                    ) {
+                        Ok((meta, hashes)) => FileChecksums::Found { meta, hashes },
+                        Err(error) => FileChecksums::Failed {
+                            errno: error.raw_os_error().unwrap_or(libc::EIO),
+                        },
+                    }
+                })
+                .collect(),
+        )),
         RequestBody::ListDir {
             dir,
             path,
@@ -219,6 +244,7 @@ fn body(
 mod tests {
     use super::*;
     use safekit_protocol::replication::RelPath;
+    use safekit_protocol::resync::ChecksumItem;
 
     fn ask(dirs: &[OwnedFd], body: RequestBody) -> ReplyBody {
         answer(dirs, &ResyncRequest { id: 7, body }).body
@@ -352,5 +378,69 @@ mod tests {
             ask(&dirs, RequestBody::Barrier { durable: true }),
             ReplyBody::Barrier
         );
+    }
+
+    #[test]
+    fn a_batch_answers_each_file_in_order_as_single_questions_would() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        std::fs::write(tmp.path().join("a"), vec![1u8; 4096]).expect("write");
+        std::fs::write(tmp.path().join("b"), b"short").expect("write");
+        std::fs::create_dir(tmp.path().join("d")).expect("mkdir");
+        let dirs = vec![
+            rustix::fs::open(
+                tmp.path(),
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .expect("open"),
+        ];
+        let item = |dir, path: &[u8], count| ChecksumItem {
+            dir,
+            path: RelPath::parse(path).expect("valid"),
+            first_block: 0,
+            count,
+        };
+        let files = vec![
+            item(0, b"b", 1),
+            item(0, b"absent", 1),
+            item(0, b"a", 1),
+            item(0, b"d", 1),
+            item(3, b"a", 1),
+        ];
+        let ReplyBody::ChecksumsBatch(answers) = ask(
+            &dirs,
+            RequestBody::ChecksumsBatch {
+                block_size: 4096,
+                files: files.clone(),
+            },
+        ) else {
+            panic!("not a batch answer");
+        };
+        assert_eq!(answers.len(), files.len());
+        for (file, answer) in files.iter().zip(&answers).take(4) {
+            let single = ask(
+                &dirs,
+                RequestBody::Checksums {
+                    dir: file.dir,
+                    path: file.path.clone(),
+                    block_size: 4096,
+                    first_block: 0,
+                    count: 1,
+                },
+            );
+            let ReplyBody::Checksums { meta, hashes } = single else {
+                panic!("not checksums");
+            };
+            assert_eq!(answer, &FileChecksums::Found { meta, hashes });
+        }
+        assert!(matches!(
+            &answers[0],
+            FileChecksums::Found { meta: Some(meta), hashes } if meta.size == 5 && hashes == &vec![tree::hash(b"short")]
+        ));
+        assert!(matches!(
+            &answers[1],
+            FileChecksums::Found { meta: None, .. }
+        ));
+        assert_eq!(answers[4], FileChecksums::Failed { errno: libc::EBADF });
     }
 }
