@@ -527,6 +527,15 @@ impl DirtyLog {
         inner.seen.contains_key(&(dir, path.clone()))
     }
 
+    /// Whether `path` or anything beneath it has a record.
+    pub fn contains_at_or_under(&self, dir: u16, path: &RelPath) -> bool {
+        let prefix = path.components();
+        let inner = self.lock();
+        inner.seen.keys().any(|(recorded_dir, recorded)| {
+            *recorded_dir == dir && recorded.components().starts_with(prefix)
+        })
+    }
+
     /// Empties the log durably (after a successful resync).
     ///
     /// # Errors

@@ -1047,3 +1047,39 @@ fn incremental_resync_of_small_files_while_they_are_rewritten_renamed_and_delete
     pair.resync(ResyncKind::Full);
     assert_same_trees(&pair, true);
 }
+
+/// A file changed while alone and renamed after the peer is back, before the
+/// resync runs: the rename moves the peer's stale copy to the new name, so
+/// the new name must be compared too (the dirty log named only the old one).
+#[test]
+fn a_recorded_file_renamed_before_the_resync_is_compared_under_its_new_name() {
+    let pair = Pair::new(Role::Replicating);
+    let mut rng = Rng(31);
+    populate(&pair.primary, &mut rng, 2, 10, 0, 0);
+    pair.resync(ResyncKind::Full);
+    assert_same_trees(&pair, false);
+
+    // Given a file rewritten while the peer was away...
+    pair.sender.set_role(Role::Alone);
+    let data = rng.bytes(2000);
+    fs::OpenOptions::new()
+        .write(true)
+        .open(pair.local("d00/f003"))
+        .expect("open")
+        .write_all_at(&data, 100)
+        .expect("rewrite");
+    pair.alone(Op::Write {
+        dir: 0,
+        path: p("d00/f003"),
+        offset: 100,
+        data,
+    });
+    // ...and the peer back, the file renamed (into another directory) before the resync.
+    pair.replicate_again();
+    pair.live_rename("d00/f003", "d01/moved");
+    pair.live_rename("d01", "renamed-dir");
+
+    let stats = pair.resync(ResyncKind::Incremental { extra: Vec::new() });
+    assert!(stats.files_sent >= 1, "the moved file was sent: {stats:?}");
+    assert_same_trees(&pair, false);
+}

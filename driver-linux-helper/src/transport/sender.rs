@@ -542,6 +542,20 @@ impl Replicator for Sender {
             Role::Replicating => {}
         }
         let touched = records_of(&op);
+        // A rename of a name the dirty log holds (a change the peer has not got
+        // yet: the resync after a reconnection has not run or not finished)
+        // moves the peer's stale copy to the new name, which nothing recorded:
+        // record both names before the rename ships, so the resync compares them.
+        if let Op::Rename { dir, from, to, .. } = &op {
+            let dirty_log = &shared.config.dirty_log;
+            if (dirty_log.contains_at_or_under(*dir, from)
+                || dirty_log.contains_at_or_under(*dir, to))
+                && let Err(error) = dirty_log.record_changes(&touched)
+            {
+                tracing::error!(%error, ?from, ?to, "cannot record a rename of a recorded name; recording it as unconfirmed");
+                return shared.record_alone(&touched);
+            }
+        }
         // A durable wait for anything but an fsync (an O_SYNC write, say) ships an fsync
         // right behind it and waits for that one.
         let durability = (wait_for == WaitFor::Durable && !op.is_fsync())
