@@ -214,26 +214,10 @@ pub fn install_atomically(target: &Path, bytes: &[u8]) -> Result<(), String> {
         .map_err(|error| format!("sync {}: {error}", dir.display()))
 }
 
-/// The modules installed on this node (folders of SAFE/modules with a conf/userconfig.xml).
-fn installed_modules(paths: &NodePaths) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(paths.modules())
-        .map(|entries| {
-            entries
-                .filter_map(Result::ok)
-                .filter(|entry| entry.path().join("conf").join("userconfig.xml").is_file())
-                .filter_map(|entry| entry.file_name().to_str().map(str::to_string))
-                .filter(|name| !name.starts_with('.'))
-                .collect()
-        })
-        .unwrap_or_default();
-    names.sort();
-    names
-}
-
 /// Every installed module's errors with the candidate cluster.xml `candidate` (empty: all valid).
 fn module_errors_with(paths: &NodePaths, candidate: &Path) -> Vec<String> {
     let mut errors = Vec::new();
-    for module in installed_modules(paths) {
+    for module in load::installed_modules(paths) {
         match check_module_with(paths, &module, Some(candidate.to_path_buf())) {
             Ok((_, false)) => {}
             Ok((report, true)) => errors.push(format!(

@@ -500,8 +500,9 @@ pub fn reload_module(
     )
 }
 
-/// The module's position among the module folders (what its id is without `conf/id`).
-fn module_position(paths: &NodePaths, name: &str) -> Result<usize, String> {
+/// The modules installed on this node: folders of SAFE/modules holding a
+/// `conf/userconfig.xml` (staging folders, named with a leading dot, skipped), sorted.
+pub fn installed_modules(paths: &NodePaths) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(paths.modules())
         .map(|entries| {
             entries
@@ -514,6 +515,11 @@ fn module_position(paths: &NodePaths, name: &str) -> Result<usize, String> {
         .unwrap_or_default();
     names.sort();
     names
+}
+
+/// The module's position among the module folders (what its id is without `conf/id`).
+fn module_position(paths: &NodePaths, name: &str) -> Result<usize, String> {
+    installed_modules(paths)
         .iter()
         .position(|candidate| candidate == name)
         .ok_or_else(|| {
