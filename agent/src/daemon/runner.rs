@@ -1040,13 +1040,7 @@ impl Runner {
             self.machine.is_transient(),
             self.machine.waiting_for(),
         );
-        if let Some(decision) = decision {
-            let outcome = crate::checkers::Outcome {
-                decision: Some(decision),
-                ..crate::checkers::Outcome::default()
-            };
-            self.on_checker_outcome(outcome).await;
-        }
+        self.on_rule_decision(decision).await;
     }
 
     /// Runs the `<failover>` rule whose `handle_time` elapsed, if any.
@@ -1057,6 +1051,12 @@ impl Runner {
             self.machine.is_transient(),
             self.machine.waiting_for(),
         );
+        self.on_rule_decision(decision).await;
+    }
+
+    /// Acts on a rule that fired outside a checker's observation (a `remote.`
+    /// value from a heartbeat, a `handle_time` that elapsed), as after one.
+    async fn on_rule_decision(&mut self, decision: Option<safekit_core::cluster::rules::Decision>) {
         if let Some(decision) = decision {
             let outcome = crate::checkers::Outcome {
                 decision: Some(decision),

@@ -118,18 +118,7 @@ impl Receiver {
         module_name: impl Into<String>,
         dirs: Vec<OwnedFd>,
     ) -> io::Result<Receiver> {
-        let readers = dirs
-            .iter()
-            .map(OwnedFd::try_clone)
-            .collect::<io::Result<Vec<_>>>()?;
-        Self::bind_inner(
-            addr,
-            secret.into(),
-            module_name.into(),
-            ReplicaRoot::new(dirs),
-            Some(readers),
-            None,
-        )
+        Self::bind_serving(addr, secret.into(), module_name.into(), dirs, None)
     }
 
     /// Like [`Receiver::bind_serving_resync`], and also reports the files of
@@ -148,17 +137,35 @@ impl Receiver {
         activity_log: &Path,
     ) -> io::Result<Receiver> {
         let activity = ReceiverActivity::load(activity_log)?;
+        Self::bind_serving(
+            addr,
+            secret.into(),
+            module_name.into(),
+            dirs,
+            Some(activity),
+        )
+    }
+
+    /// A receiver that also answers resync requests, reading beneath
+    /// duplicates of `dirs`.
+    fn bind_serving(
+        addr: impl ToSocketAddrs,
+        secret: Vec<u8>,
+        module_name: String,
+        dirs: Vec<OwnedFd>,
+        activity: Option<ReceiverActivity>,
+    ) -> io::Result<Receiver> {
         let readers = dirs
             .iter()
             .map(OwnedFd::try_clone)
             .collect::<io::Result<Vec<_>>>()?;
         Self::bind_inner(
             addr,
-            secret.into(),
-            module_name.into(),
+            secret,
+            module_name,
             ReplicaRoot::new(dirs),
             Some(readers),
-            Some(activity),
+            activity,
         )
     }
 
