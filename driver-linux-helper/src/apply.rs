@@ -528,6 +528,20 @@ impl ReplicaRoot {
             }
             return Ok(());
         }
+        if let Some(fd) = self.cached(dir, path) {
+            // A regular file written just before (a resync's data, then its
+            // times): through its open descriptor, no path resolution.
+            if owner.is_some() || group.is_some() {
+                rustix::fs::fchown(&*fd, uid(owner), gid(group)).map_err(errno)?;
+            }
+            if let Some(mode) = mode {
+                rustix::fs::fchmod(&*fd, permission_bits(mode)).map_err(errno)?;
+            }
+            if atime.is_some() || mtime.is_some() {
+                rustix::fs::futimens(&*fd, &times).map_err(errno)?;
+            }
+            return Ok(());
+        }
         let (parent, name) = self.parent(dir, path)?;
         if owner.is_some() || group.is_some() {
             rustix::fs::chownat(

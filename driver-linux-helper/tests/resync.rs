@@ -604,6 +604,96 @@ fn incremental_resync_ships_only_changed_files_and_blocks() {
     );
 }
 
+#[test]
+fn recorded_small_files_are_settled_in_one_step_whatever_differs() {
+    let pair = Pair::new(Role::Replicating);
+    let mut rng = Rng(23);
+    fs::create_dir(pair.local("s")).expect("mkdir");
+    for (name, len) in [
+        ("rewritten", 3000),
+        ("shrunk", 2000),
+        ("chmod", 1000),
+        ("same", 500),
+    ] {
+        write_file(&pair.local(&format!("s/{name}")), &rng.bytes(len), 0o644, 0);
+    }
+    write_file(&pair.local("s/grown"), &[], 0o644, 0);
+    pair.resync(ResyncKind::Full);
+    assert_same_trees(&pair, true);
+
+    // While alone: a rewrite in the middle, a truncate below the replica's
+    // size, a mode change, a file that grows from empty, and a name recorded
+    // although nothing about it changed.
+    pair.sender.set_role(Role::Alone);
+    let data = rng.bytes(200);
+    fs::OpenOptions::new()
+        .write(true)
+        .open(pair.local("s/rewritten"))
+        .expect("open")
+        .write_all_at(&data, 1000)
+        .expect("rewrite");
+    pair.alone(Op::Write {
+        dir: 0,
+        path: p("s/rewritten"),
+        offset: 1000,
+        data,
+    });
+    fs::OpenOptions::new()
+        .write(true)
+        .open(pair.local("s/shrunk"))
+        .expect("open")
+        .set_len(100)
+        .expect("truncate");
+    pair.alone(Op::Truncate {
+        dir: 0,
+        path: p("s/shrunk"),
+        size: 100,
+    });
+    fs::set_permissions(pair.local("s/chmod"), fs::Permissions::from_mode(0o600)).expect("chmod");
+    pair.alone(Op::SetAttr {
+        dir: 0,
+        path: p("s/chmod"),
+        mode: Some(0o600),
+        uid: None,
+        gid: None,
+        atime: None,
+        mtime: None,
+    });
+    let data = rng.bytes(10);
+    fs::write(pair.local("s/grown"), &data).expect("grow");
+    pair.alone(Op::Write {
+        dir: 0,
+        path: p("s/grown"),
+        offset: 0,
+        data,
+    });
+    let unchanged = fs::read(pair.local("s/same")).expect("read");
+    pair.alone(Op::Write {
+        dir: 0,
+        path: p("s/same"),
+        offset: 0,
+        data: unchanged,
+    });
+
+    pair.replicate_again();
+    let stats = pair.resync(ResyncKind::Incremental { extra: Vec::new() });
+
+    assert_same_trees(&pair, true);
+    assert_eq!(
+        stats.files_sent, 3,
+        "the rewritten, shrunk and grown files' data, not the others: {stats:?}"
+    );
+    assert_eq!(
+        stats.bytes_sent,
+        3000 + 100 + 10,
+        "each sent file once, whole: {stats:?}"
+    );
+    assert_eq!(
+        stats.attr_updates, 4,
+        "times or mode for all but the unchanged file: {stats:?}"
+    );
+}
+
 /// Size of the race test's big file in MiB (default 1024: issue 5's 1 GiB
 /// race, about 20 s in a debug build with SHA-256 optimized, see the workspace
 /// `Cargo.toml`); set it lower for a quick local run.

@@ -492,16 +492,12 @@ fn run_resync(args: ResyncArgs) -> anyhow::Result<()> {
     sender_config.replication_timeout = Duration::from_secs(10);
     let sender =
         Arc::new(Sender::new(sender_config).context("cannot start the replication sender")?);
-    let connect_start = Instant::now();
-    while !sender.stats().connected {
-        if connect_start.elapsed() > args.connect_timeout {
-            bail!(
-                "no connection to {} within {:?}",
-                args.peer,
-                args.connect_timeout
-            );
-        }
-        std::thread::sleep(Duration::from_millis(10));
+    if !sender.wait_connected(args.connect_timeout) {
+        bail!(
+            "no connection to {} within {:?}",
+            args.peer,
+            args.connect_timeout
+        );
     }
     let cursor = args.cursor.unwrap_or_else(|| {
         let mut name = args.dirty_log.clone().into_os_string();

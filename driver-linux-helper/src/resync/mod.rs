@@ -129,7 +129,7 @@ use safekit_protocol::resync::{
 
 use crate::dirty::{Change, DirtyLog, DirtyRecord, merge_runs};
 use crate::replicator::{ReplicateOutcome, Replicator, WaitFor};
-use crate::transport::{RequestFailed, Role, Sender};
+use crate::transport::{RequestFailed, RequestTicket, Role, Sender};
 pub use cursor::{CursorStart, ResyncCursor};
 pub use locks::{DataGuard, FileLocks, NamespaceGuard};
 
@@ -180,7 +180,7 @@ impl ResyncConfig {
             cursor_path,
             checksum_all: false,
             clear_dirty_log: true,
-            confirm_files: 512,
+            confirm_files: 128,
             confirm_interval: Duration::from_secs(1),
         }
     }
@@ -567,7 +567,19 @@ const BATCH_FILES: usize = 128;
 const BATCHES_IN_FLIGHT: usize = 2;
 
 /// A batch of jobs asked about, `(job, first block, count)`, with its ticket.
-type AskedBatch = (crate::transport::RequestTicket, Vec<(Job, u64, u64)>);
+type AskedBatch = (RequestTicket, Vec<(Job, u64, u64)>);
+
+/// What [`Run::settle_file`] needs to know of how a file was brought up to date.
+struct Settled<'r> {
+    /// The file's size when its comparison started.
+    size: u64,
+    /// The replica's file as it answered (`None`: created by this resync).
+    remote: Option<&'r EntryMeta>,
+    /// The mode, owner and group the replica's file was created with, when created here.
+    created_with: Option<(u32, u32, u32)>,
+    /// Some of its data was shipped.
+    sent_any: bool,
+}
 
 /// What an incremental resync compares of one name, from its dirty records.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -639,6 +651,9 @@ fn whole_record((dir, path): (u16, RelPath)) -> DirtyRecord {
     }
 }
 
+/// A cursor confirmation in flight: its barrier's ticket and the files it confirms.
+type Confirmation = (RequestTicket, Vec<(u16, RelPath)>);
+
 /// One run's shared state.
 struct Run<'a> {
     engine: &'a ResyncEngine,
@@ -646,6 +661,9 @@ struct Run<'a> {
     cursor: Option<Mutex<ResyncCursor>>,
     /// Finished files waiting for a durable barrier before entering the cursor.
     unconfirmed: Mutex<(Vec<(u16, RelPath)>, Instant)>,
+    /// The durable barrier asked and not yet answered, with the finished
+    /// files it confirms (see [`Run::confirm`]).
+    confirming: Mutex<Option<Confirmation>>,
     /// Files the dirty log recorded again since the cursor's start: never skipped.
     redirtied: HashSet<(u16, RelPath)>,
     throttle: Throttle,
@@ -751,19 +769,12 @@ impl ResyncEngine {
             .skip(since)
             .map(|record| (record.dir, record.path.clone()))
             .collect();
-        let run = Run {
-            engine: self,
-            cursor: Some(Mutex::new(cursor)),
-            unconfirmed: Mutex::new((Vec::new(), Instant::now())),
+        let run = Run::new(
+            self,
+            Some(Mutex::new(cursor)),
             redirtied,
-            throttle: Throttle {
-                rate: self.config.bandwidth,
-                state: Mutex::new((0.0, Instant::now())),
-            },
-            failure: Mutex::new(None),
-            touched_dirs: Mutex::new(HashSet::new()),
-            quick_check_before: quick_check_before(),
-        };
+            quick_check_before(),
+        );
         let mut seen_records = dirty.records.len();
         let mut records = dirty.records;
         if let ResyncKind::Incremental { extra } = &kind {
@@ -978,7 +989,29 @@ fn same_inode(a: &Stat, b: &Stat) -> bool {
     a.st_dev == b.st_dev && a.st_ino == b.st_ino
 }
 
-impl Run<'_> {
+impl<'a> Run<'a> {
+    fn new(
+        engine: &'a ResyncEngine,
+        cursor: Option<Mutex<ResyncCursor>>,
+        redirtied: HashSet<(u16, RelPath)>,
+        quick_check_before: (i64, u32),
+    ) -> Self {
+        Run {
+            engine,
+            cursor,
+            unconfirmed: Mutex::new((Vec::new(), Instant::now())),
+            confirming: Mutex::new(None),
+            redirtied,
+            throttle: Throttle {
+                rate: engine.config.bandwidth,
+                state: Mutex::new((0.0, Instant::now())),
+            },
+            failure: Mutex::new(None),
+            touched_dirs: Mutex::new(HashSet::new()),
+            quick_check_before,
+        }
+    }
+
     fn check_stop(&self) -> Result<(), ResyncError> {
         if self.engine.stop.load(Ordering::SeqCst) {
             return Err(ResyncError::Stopped);
@@ -1323,37 +1356,89 @@ impl Run<'_> {
         if self.cursor.is_none() {
             return Ok(());
         }
-        let batch = {
+        let due = {
             let mut unconfirmed = self
                 .unconfirmed
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
             unconfirmed.0.push((dir, path.clone()));
             let config = &self.engine.config;
-            if unconfirmed.0.len() < config.confirm_files
-                && unconfirmed.1.elapsed() < config.confirm_interval
-            {
-                return Ok(());
-            }
-            unconfirmed.1 = Instant::now();
-            std::mem::take(&mut unconfirmed.0)
+            unconfirmed.0.len() >= config.confirm_files
+                || unconfirmed.1.elapsed() >= config.confirm_interval
         };
-        self.confirm(&batch)
+        if due { self.confirm() } else { Ok(()) }
     }
 
-    fn confirm(&self, batch: &[(u16, RelPath)]) -> Result<(), ResyncError> {
-        let Some(cursor) = &self.cursor else {
+    /// Asks for a durable barrier behind the finished files without waiting
+    /// for it: they enter the cursor when its answer arrives (looked for at
+    /// the next confirmation, and at the end). The receiver flushes beside
+    /// its apply loop, so neither side pauses. One confirmation at a time:
+    /// while the previous one is unanswered, finished files keep
+    /// accumulating for the next.
+    fn confirm(&self) -> Result<(), ResyncError> {
+        self.settle_confirmations(false)?;
+        let mut confirming = self
+            .confirming
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if confirming.is_some() {
             return Ok(());
+        }
+        let batch = {
+            let mut unconfirmed = self
+                .unconfirmed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            unconfirmed.1 = Instant::now();
+            std::mem::take(&mut unconfirmed.0)
         };
         if batch.is_empty() {
             return Ok(());
         }
-        self.barrier(true)?;
-        cursor
+        let ticket = self
+            .engine
+            .sender
+            .send_request(RequestBody::Barrier { durable: true })?;
+        *confirming = Some((ticket, batch));
+        Ok(())
+    }
+
+    /// Writes the outstanding confirmation's files to the cursor if its
+    /// barrier was answered (with `wait`, after waiting for the answer).
+    fn settle_confirmations(&self, wait: bool) -> Result<(), ResyncError> {
+        let Some(cursor) = &self.cursor else {
+            return Ok(());
+        };
+        let mut confirming = self
+            .confirming
             .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .mark_done(batch)
-            .map_err(io_error("resync cursor"))
+            .unwrap_or_else(PoisonError::into_inner);
+        let Some((ticket, _)) = confirming.as_ref() else {
+            return Ok(());
+        };
+        let sender = &self.engine.sender;
+        let reply = if wait {
+            sender.wait_reply(*ticket, self.engine.config.request_timeout)
+        } else {
+            match sender.try_reply(ticket) {
+                Some(reply) => reply,
+                None => return Ok(()),
+            }
+        };
+        let (_, batch) = confirming.take().expect("a confirmation is outstanding");
+        drop(confirming);
+        match reply? {
+            ReplyBody::Barrier => cursor
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .mark_done(&batch)
+                .map_err(io_error("resync cursor")),
+            ReplyBody::Failed { errno } => Err(ResyncError::Remote {
+                path: String::new(),
+                errno,
+            }),
+            _ => Err(ResyncError::Protocol),
+        }
     }
 
     fn skip_resumed(&self, dir: u16, path: &RelPath, bytes: u64) -> bool {
@@ -1826,6 +1911,9 @@ impl Run<'_> {
     }
 
     fn sync_tracked(&self, job: &Job, tracked: &locks::Tracked) -> Result<FileEnd, ResyncError> {
+        if let Some(end) = self.sync_small(job, tracked)? {
+            return Ok(end);
+        }
         let dir = job.dir;
         let root = self.engine.root(dir)?;
         let counters = self.counters();
@@ -1994,7 +2082,7 @@ impl Run<'_> {
         }
         let in_flight = if *scope == Scope::Whole { 2 } else { 8 };
         let mut differing: Vec<u64> = Vec::new();
-        let mut requested: VecDeque<(u64, u64, crate::transport::RequestTicket)> = VecDeque::new();
+        let mut requested: VecDeque<(u64, u64, RequestTicket)> = VecDeque::new();
         let mut buf = vec![0u8; usize::try_from(block_size).unwrap_or(usize::MAX)];
         loop {
             while requested.len() < in_flight {
@@ -2068,52 +2156,155 @@ impl Run<'_> {
                 what: format!("fstat {}", show(&current)),
                 source: e.into(),
             })?;
-            let now = tree::meta(&stat, Vec::new());
-            // The size is right without a truncate when the replica had the
-            // file's size, or when it was created here and every block up to
-            // the size was shipped; shipped blocks end inside the file, and a
-            // file that changed size meanwhile has `now.size != size`.
-            let size_settled = now.size == size && (created || now.size == remote_size);
-            if !size_settled {
-                self.submit(Op::Truncate {
-                    dir,
-                    path: current.clone(),
-                    size: now.size,
-                })?;
-            }
-            let attrs_differ = remote
-                .as_ref()
-                .is_none_or(|r| !same_attrs(r, &now) || r.mtime != now.mtime);
-            if created || sent_any || now.size != remote_size || attrs_differ {
-                // The mtime, and the mode and owner only where they differ
-                // from the replica's (as created, or as it answered: a live
-                // change since is in `now` and shipped after that answer).
-                // A change of owner clears set-id bits: the mode goes with it.
-                let (mode, uid, gid) = match &remote {
-                    Some(r) => (perm(r.mode), r.uid, r.gid),
-                    None => created_with,
-                };
-                let owner_differs = now.uid != uid || now.gid != gid;
-                self.submit(Op::SetAttr {
-                    dir,
-                    path: current.clone(),
-                    mode: (owner_differs || perm(now.mode) != mode).then_some(perm(now.mode)),
-                    uid: owner_differs.then_some(now.uid),
-                    gid: owner_differs.then_some(now.gid),
-                    atime: None,
-                    mtime: Some(TimeSet::At(now.mtime)),
-                })?;
-                bump(&counters.attr_updates, 1);
-            }
-            if created || sent_any {
-                bump(&counters.files_sent, 1);
-            }
-            self.note_parent(dir, &current);
-            self.engine.locks.mark_finished(dir, &current);
+            let settled = Settled {
+                size,
+                remote: remote.as_ref(),
+                created_with: created.then_some(created_with),
+                sent_any,
+            };
+            self.settle_file(dir, &current, &tree::meta(&stat, Vec::new()), &settled)?;
             current
         };
         self.finished(dir, &finished_path, size)?;
         Ok(FileEnd::Done)
+    }
+
+    /// Ships a file's size and attributes as they are `now` (its data guard
+    /// held), after its differing blocks, and marks it finished.
+    fn settle_file(
+        &self,
+        dir: u16,
+        current: &RelPath,
+        now: &EntryMeta,
+        settled: &Settled<'_>,
+    ) -> Result<(), ResyncError> {
+        let counters = self.counters();
+        let created = settled.created_with.is_some();
+        let remote_size = settled.remote.map_or(0, |meta| meta.size);
+        // The size is right without a truncate when the replica had the
+        // file's size, or when it was created here and every block up to
+        // the size was shipped; shipped blocks end inside the file, and a
+        // file that changed size meanwhile has `now.size != size`.
+        let size_settled = now.size == settled.size && (created || now.size == remote_size);
+        if !size_settled {
+            self.submit(Op::Truncate {
+                dir,
+                path: current.clone(),
+                size: now.size,
+            })?;
+        }
+        let attrs_differ = settled
+            .remote
+            .is_none_or(|r| !same_attrs(r, now) || r.mtime != now.mtime);
+        if created || settled.sent_any || now.size != remote_size || attrs_differ {
+            // The mtime, and the mode and owner only where they differ
+            // from the replica's (as created, or as it answered: a live
+            // change since is in `now` and shipped after that answer).
+            // A change of owner clears set-id bits: the mode goes with it.
+            let (mode, uid, gid) = match (settled.remote, settled.created_with) {
+                (Some(r), _) => (perm(r.mode), r.uid, r.gid),
+                (None, created_with) => created_with.unwrap_or_default(),
+            };
+            let owner_differs = now.uid != uid || now.gid != gid;
+            self.submit(Op::SetAttr {
+                dir,
+                path: current.clone(),
+                mode: (owner_differs || perm(now.mode) != mode).then_some(perm(now.mode)),
+                uid: owner_differs.then_some(now.uid),
+                gid: owner_differs.then_some(now.gid),
+                atime: None,
+                mtime: Some(TimeSet::At(now.mtime)),
+            })?;
+            bump(&counters.attr_updates, 1);
+        }
+        if created || settled.sent_any {
+            bump(&counters.files_sent, 1);
+        }
+        self.note_parent(dir, current);
+        self.engine.locks.mark_finished(dir, current);
+        Ok(())
+    }
+
+    /// A file of at most one block whose replica, also a file of at most one
+    /// block, was asked about in a batch: compared and brought up to date in
+    /// one hold of its data guard (one open, one read: the bytes compared are
+    /// the bytes shipped, so no second read and no inode re-check). `None`
+    /// when the file does not qualify; the general path then handles it.
+    fn sync_small(
+        &self,
+        job: &Job,
+        tracked: &locks::Tracked,
+    ) -> Result<Option<FileEnd>, ResyncError> {
+        let Some(prefetch) = &job.prefetch else {
+            return Ok(None);
+        };
+        let Some(remote) = prefetch.meta.as_ref().filter(|m| m.kind == EntryKind::File) else {
+            return Ok(None);
+        };
+        let block_size = u64::from(self.engine.config.block_size);
+        if job.scope == Scope::Attrs || prefetch.first_block != 0 || remote.size > block_size {
+            return Ok(None);
+        }
+        let root = self.engine.root(job.dir)?;
+        let counters = self.counters();
+        // Room first: live writes of this file must not wait behind a slow link.
+        self.wait_room(usize::try_from(block_size).unwrap_or(usize::MAX))?;
+        let Some((guard, current)) = self.engine.locks.lock_tracked(tracked) else {
+            return Ok(Some(FileEnd::Vanished));
+        };
+        let Some((fd, stat)) = tree::open_regular(root, &current)
+            .map_err(io_error(format!("open {}", show(&current))))?
+        else {
+            return Ok(Some(FileEnd::Vanished));
+        };
+        let now = tree::meta(&stat, Vec::new());
+        if now.size > block_size {
+            return Ok(None);
+        }
+        bump(&counters.files_examined, 1);
+        bump(&counters.file_blocks, blocks(now.size, block_size));
+        bump(
+            if job.scope == Scope::Whole {
+                &counters.files_whole
+            } else {
+                &counters.files_by_range
+            },
+            1,
+        );
+        let mut data = vec![0u8; usize::try_from(now.size).unwrap_or(0)];
+        let n = tree::read_at(&fd, &mut data, 0).map_err(io_error("read a block"))?;
+        data.truncate(n);
+        let size = n as u64;
+        let mut sent_any = false;
+        if size > 0 {
+            if remote.size > 0 {
+                bump(&counters.blocks_compared, 1);
+            }
+            let same = remote.size == size && prefetch.hashes.first() == Some(&tree::hash(&data));
+            if !same {
+                self.submit(Op::Write {
+                    dir: job.dir,
+                    path: current.clone(),
+                    offset: 0,
+                    data,
+                })?;
+                sent_any = true;
+                bump(&counters.blocks_sent, 1);
+                bump(&counters.bytes_sent, size);
+            }
+        }
+        // The size is what was read (the guard keeps writers out meanwhile).
+        let now = EntryMeta { size, ..now };
+        let settled = Settled {
+            size,
+            remote: Some(remote),
+            created_with: None,
+            sent_any,
+        };
+        self.settle_file(job.dir, &current, &now, &settled)?;
+        drop(guard);
+        self.finished(job.dir, &current, size)?;
+        Ok(Some(FileEnd::Done))
     }
 
     /// Ships `blocks` (sorted), coalescing neighbours up to `max_write`; `false` if the file vanished.
@@ -2214,6 +2405,9 @@ impl Run<'_> {
             }
             let namespace = self.engine.locks.namespace();
             self.barrier(true)?;
+            // An earlier confirmation was answered before this barrier (the
+            // receiver flushes in order); settle it before going on.
+            self.settle_confirmations(true)?;
             let dirty = DirtyLog::load(dirty_path).map_err(|error| ResyncError::Io {
                 what: format!("dirty log {}", dirty_path.display()),
                 source: io::Error::other(error.to_string()),
@@ -2261,19 +2455,7 @@ impl Run<'_> {
                 files = again.len(),
                 "files recorded dirty during the resync; another pass"
             );
-            let extra = Run {
-                engine: self.engine,
-                cursor: None,
-                unconfirmed: Mutex::new((Vec::new(), Instant::now())),
-                redirtied: HashSet::new(),
-                throttle: Throttle {
-                    rate: self.engine.config.bandwidth,
-                    state: Mutex::new((0.0, Instant::now())),
-                },
-                failure: Mutex::new(None),
-                touched_dirs: Mutex::new(HashSet::new()),
-                quick_check_before: self.quick_check_before,
-            };
+            let extra = Run::new(self.engine, None, HashSet::new(), self.quick_check_before);
             extra.incremental(again)?;
             self.touched_dirs
                 .lock()

@@ -22,7 +22,7 @@ use std::sync::{Mutex, PoisonError};
 
 use rustix::fs::{Mode, OFlags};
 use safekit_protocol::resync::{
-    BlockHash, EntryKind, EntryMeta, FileChecksums, MAX_BLOCKS_PER_REQUEST, MAX_FILES_PER_BATCH,
+    BlockHash, EntryMeta, FileChecksums, MAX_BLOCKS_PER_REQUEST, MAX_FILES_PER_BATCH,
     MAX_LIST_ENTRIES, ReplyBody, RequestBody, ResyncReply, ResyncRequest,
 };
 
@@ -131,18 +131,15 @@ fn checksums(
     count: u32,
 ) -> io::Result<(Option<EntryMeta>, Vec<BlockHash>)> {
     let root = root(dirs, dir)?;
-    let Some((_, meta)) = tree::lstat(root, path)? else {
-        return Ok((None, Vec::new()));
-    };
-    if meta.kind != EntryKind::File {
-        return Ok((Some(meta), Vec::new()));
-    }
+    // A regular file (the common case) costs one resolution; anything else is looked at with lstat.
     let Some((fd, stat)) = tree::open_regular(root, path)? else {
-        return Ok((Some(meta), Vec::new()));
+        return Ok((tree::lstat(root, path)?.map(|(_, meta)| meta), Vec::new()));
     };
     let meta = tree::meta(&stat, Vec::new());
     let block_size = u64::from(block_size);
-    let mut buf = vec![0u8; usize::try_from(block_size).unwrap_or(usize::MAX)];
+    // No bigger than the file: a small file's hash costs no 64 KiB of zeroes.
+    let buf_len = block_size.min(meta.size.max(1));
+    let mut buf = vec![0u8; usize::try_from(buf_len).unwrap_or(usize::MAX)];
     let mut hashes = Vec::new();
     for block in (first_block..).take(count.min(MAX_BLOCKS_PER_REQUEST) as usize) {
         let Some(offset) = block.checked_mul(block_size) else {
@@ -224,20 +221,30 @@ fn body(
         }
         RequestBody::Barrier { durable } => {
             if *durable {
-                for dir in dirs {
-                    // syncfs refuses O_PATH descriptors: reopen the directory for reading.
-                    let readable = rustix::fs::open(
-                        format!("/proc/self/fd/{}", dir.as_raw_fd()).as_str(),
-                        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-                        Mode::empty(),
-                    )
-                    .map_err(io::Error::from)?;
-                    rustix::fs::syncfs(&readable).map_err(io::Error::from)?;
-                }
+                sync_durably(dirs)?;
             }
             Ok(ReplyBody::Barrier)
         }
     }
+}
+
+/// Makes everything applied beneath `dirs` so far durable (`syncfs` of each
+/// directory's file system): the work of a durable barrier.
+///
+/// # Errors
+/// A directory cannot be reopened or its file system flushed.
+pub fn sync_durably(dirs: &[OwnedFd]) -> io::Result<()> {
+    for dir in dirs {
+        // syncfs refuses O_PATH descriptors: reopen the directory for reading.
+        let readable = rustix::fs::open(
+            format!("/proc/self/fd/{}", dir.as_raw_fd()).as_str(),
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(io::Error::from)?;
+        rustix::fs::syncfs(&readable).map_err(io::Error::from)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

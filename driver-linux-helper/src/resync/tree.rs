@@ -145,11 +145,20 @@ pub(crate) fn open_regular(
     if FileType::from_raw_mode(stat.st_mode) != FileType::RegularFile {
         return Ok(None);
     }
-    let fd = rustix::fs::open(
-        format!("/proc/self/fd/{}", probe.as_raw_fd()).as_str(),
-        OFlags::RDONLY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
+    // Without touching the access time: a resync reading a file must not
+    // dirty its inode (a journal write per file on both nodes).
+    let reopen = |flags: OFlags| {
+        rustix::fs::open(
+            format!("/proc/self/fd/{}", probe.as_raw_fd()).as_str(),
+            flags | OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+    };
+    let fd = match reopen(OFlags::NOATIME) {
+        // Only the owner (or CAP_FOWNER) may ask for it.
+        Err(Errno::PERM) => reopen(OFlags::empty()),
+        other => other,
+    }
     .map_err(errno)?;
     Ok(Some((fd, stat)))
 }

@@ -23,14 +23,14 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, mpsc};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use safekit_protocol::auth::{self, Challenge, PROTOCOL_VERSION, Refused};
 use safekit_protocol::frame::{FrameDecoder, Message};
 use safekit_protocol::replication::{Ack, ApplyFailed};
-use safekit_protocol::resync::{ReplyBody, ResyncReply};
+use safekit_protocol::resync::{ReplyBody, RequestBody, ResyncReply};
 
 use super::{TransportError, kind_name, random_nonce, receive, send};
 use crate::apply::ReplicaRoot;
@@ -447,13 +447,93 @@ fn handshake(
 }
 
 /// Applies operations until the peer closes or misbehaves.
+///
+/// Durable barriers (the resync's "everything before this is on disk") are
+/// answered by a syncer thread beside the apply loop: it flushes the file
+/// system (`syncfs`) while later operations keep being applied, so that a
+/// resync's periodic confirmations cost the primary no pause and the final
+/// barrier finds most of the data already written. A flush started after the
+/// barrier's place in the stream was reached covers every operation before
+/// it; replies are matched by request id, so answering it later is fine.
 fn session(
+    stream: &mut TcpStream,
+    decoder: FrameDecoder,
+    root: &mut ReplicaRoot,
+    shared: &Shared,
+) -> Result<(), TransportError> {
+    let writer = Mutex::new(BufWriter::with_capacity(64 * 1024, stream.try_clone()?));
+    std::thread::scope(|scope| {
+        let syncer = shared.resync_dirs.as_ref().map(|dirs| {
+            let (barriers, pending) = mpsc::channel::<u64>();
+            let writer = &writer;
+            let span = tracing::Span::current();
+            std::thread::Builder::new()
+                .name("repl-syncer".into())
+                .spawn_scoped(scope, move || {
+                    let _entered = span.enter();
+                    answer_durable_barriers(dirs, &pending, writer);
+                })
+                .map(|_| barriers)
+        });
+        let syncer = match syncer.transpose() {
+            Ok(syncer) => syncer,
+            Err(error) => return Err(TransportError::from(error)),
+        };
+        apply_loop(stream, decoder, root, shared, &writer, syncer.as_ref())
+        // Leaving the scope drops the channel: the syncer finishes its flush and ends.
+    })
+}
+
+/// Answers the durable barriers handed over by the apply loop, in order: one
+/// flush for all those waiting when it starts.
+fn answer_durable_barriers(
+    dirs: &[OwnedFd],
+    pending: &mpsc::Receiver<u64>,
+    writer: &Mutex<BufWriter<TcpStream>>,
+) {
+    while let Ok(first) = pending.recv() {
+        let mut ids = vec![first];
+        ids.extend(pending.try_iter());
+        let body = match crate::resync::serve::sync_durably(dirs) {
+            Ok(()) => ReplyBody::Barrier,
+            Err(error) => {
+                tracing::warn!(%error, "cannot flush the replica for a durable barrier");
+                ReplyBody::Failed {
+                    errno: error.raw_os_error().unwrap_or(libc::EIO),
+                }
+            }
+        };
+        let mut writer = writer.lock().unwrap_or_else(PoisonError::into_inner);
+        let sent = ids
+            .into_iter()
+            .try_for_each(|id| {
+                send(
+                    &mut *writer,
+                    0,
+                    &Message::ResyncReply(ResyncReply {
+                        id,
+                        body: body.clone(),
+                    }),
+                )
+            })
+            .and_then(|()| writer.flush().map_err(TransportError::from));
+        if let Err(error) = sent {
+            // The apply loop sees the broken connection too and ends the session.
+            tracing::debug!(%error, "cannot answer a durable barrier");
+            return;
+        }
+    }
+}
+
+fn apply_loop(
     stream: &mut TcpStream,
     mut decoder: FrameDecoder,
     root: &mut ReplicaRoot,
     shared: &Shared,
+    writer: &Mutex<BufWriter<TcpStream>>,
+    syncer: Option<&mpsc::Sender<u64>>,
 ) -> Result<(), TransportError> {
-    let mut writer = BufWriter::with_capacity(64 * 1024, stream.try_clone()?);
+    let lock = || writer.lock().unwrap_or_else(PoisonError::into_inner);
     let mut buf = vec![0u8; 256 * 1024];
     let mut expected_seq: Option<u64> = None;
     let mut last_applied: Option<u64> = None;
@@ -482,13 +562,14 @@ fn session(
                                 path: op.main_path().clone(),
                                 errno,
                             };
-                            send(&mut writer, 0, &Message::ApplyFailed(failed))?;
+                            send(&mut *lock(), 0, &Message::ApplyFailed(failed))?;
                         }
                     }
                     last_applied = Some(frame.seq);
                     if op.is_fsync() {
+                        let mut writer = lock();
                         send(
-                            &mut writer,
+                            &mut *writer,
                             frame.seq,
                             &Message::Ack(Ack {
                                 seq: frame.seq,
@@ -501,7 +582,13 @@ fn session(
                 }
                 Message::ResyncRequest(request) => {
                     // Everything before the request is applied: acknowledge it, then answer.
-                    flush_ack(&mut writer, last_applied, &mut last_acked)?;
+                    flush_ack(&mut lock(), last_applied, &mut last_acked)?;
+                    if let (Some(syncer), RequestBody::Barrier { durable: true }) =
+                        (syncer, &request.body)
+                        && syncer.send(request.id).is_ok()
+                    {
+                        continue;
+                    }
                     let reply = match &shared.resync_dirs {
                         Some(dirs) => crate::resync::serve::answer_with_activity(
                             dirs,
@@ -515,18 +602,18 @@ fn session(
                             },
                         },
                     };
-                    send(&mut writer, 0, &Message::ResyncReply(reply))?;
+                    send(&mut *lock(), 0, &Message::ResyncReply(reply))?;
                 }
-                Message::Ping => send(&mut writer, 0, &Message::Pong)?,
+                Message::Ping => send(&mut *lock(), 0, &Message::Pong)?,
                 Message::Pong => {}
                 Message::Bye => {
-                    flush_ack(&mut writer, last_applied, &mut last_acked)?;
+                    flush_ack(&mut lock(), last_applied, &mut last_acked)?;
                     return Ok(());
                 }
                 other => return Err(TransportError::Unexpected(kind_name(&other))),
             }
         }
-        flush_ack(&mut writer, last_applied, &mut last_acked)?;
+        flush_ack(&mut lock(), last_applied, &mut last_acked)?;
         let n = match stream.read(&mut buf) {
             Ok(0) => return Ok(()),
             Ok(n) => n,

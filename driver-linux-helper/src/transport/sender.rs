@@ -403,6 +403,46 @@ impl Sender {
         })
     }
 
+    /// Waits until the sender is connected to the peer, at most `timeout`;
+    /// returns whether it is.
+    pub fn wait_connected(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.shared.lock();
+        loop {
+            if state.stats.connected {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            state = self
+                .shared
+                .changed
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// The answer to a request if it has arrived, without waiting (`None`
+    /// while it has not; the ticket stays valid).
+    ///
+    /// # Errors
+    /// [`RequestFailed::Lost`] if the connection ended (or the role changed).
+    pub fn try_reply(&self, ticket: &RequestTicket) -> Option<Result<ReplyBody, RequestFailed>> {
+        let mut state = self.shared.lock();
+        if state.generation != ticket.generation || state.role != Role::Replicating {
+            state.requests.remove(&ticket.id);
+            return Some(Err(RequestFailed::Lost));
+        }
+        match state.requests.get(&ticket.id) {
+            None => Some(Err(RequestFailed::Lost)),
+            Some(None) => None,
+            Some(Some(_)) => state.requests.remove(&ticket.id).flatten().map(Ok),
+        }
+    }
+
     /// Waits for the answer to a request, at most `timeout`.
     ///
     /// # Errors
@@ -928,6 +968,7 @@ fn start_connection(
         state.connection = Some(stream);
         state.stats.connected = true;
         state.last_ack_at = Instant::now();
+        shared.changed.notify_all();
         state.generation
     };
     tracing::info!(peer = %shared.config.peer, "replication connected");
