@@ -69,7 +69,7 @@
 //! After [`MAX_RANGES_PER_FILE`] range records, the next one is a whole-file
 //! record.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -231,6 +231,9 @@ enum Recorded {
 struct Inner {
     file: File,
     seen: HashMap<(u16, RelPath), Recorded>,
+    /// Recorded names a running resync has brought up to date (see
+    /// [`DirtyLog::mark_settled`]); in memory only.
+    settled: HashSet<(u16, RelPath)>,
     /// Sequence number of the last append.
     appended: u64,
     /// Every append up to this one is durable.
@@ -350,6 +353,7 @@ impl DirtyLog {
             inner: Mutex::new(Inner {
                 file,
                 seen,
+                settled: HashSet::new(),
                 appended: 0,
                 synced: 0,
                 synced_len,
@@ -404,7 +408,13 @@ impl DirtyLog {
         let mut noted: Vec<((u16, RelPath), Option<Recorded>)> = Vec::new();
         for wanted in records {
             let key = (wanted.dir, wanted.path.clone());
-            let previous = inner.seen.get(&key).cloned();
+            // A change to a name the running resync already brought up to date
+            // is new to it: always appended, so that its final stage sees it.
+            let previous = if inner.settled.remove(&key) {
+                None
+            } else {
+                inner.seen.get(&key).cloned()
+            };
             let Some(record) = to_write(previous.as_ref(), wanted) else {
                 continue;
             };
@@ -521,19 +531,38 @@ impl DirtyLog {
         }
     }
 
-    /// Whether a file has any record.
+    /// Whether a file has a record the running resync (if any) has not settled.
     pub fn contains(&self, dir: u16, path: &RelPath) -> bool {
         let inner = self.lock();
-        inner.seen.contains_key(&(dir, path.clone()))
+        let key = (dir, path.clone());
+        inner.seen.contains_key(&key) && !inner.settled.contains(&key)
     }
 
-    /// Whether `path` or anything beneath it has a record.
+    /// Whether `path` or anything beneath it has a record the running resync
+    /// (if any) has not settled.
     pub fn contains_at_or_under(&self, dir: u16, path: &RelPath) -> bool {
         let prefix = path.components();
         let inner = self.lock();
-        inner.seen.keys().any(|(recorded_dir, recorded)| {
-            *recorded_dir == dir && recorded.components().starts_with(prefix)
+        inner.seen.keys().any(|key| {
+            key.0 == dir && key.1.components().starts_with(prefix) && !inner.settled.contains(key)
         })
+    }
+
+    /// A running resync brought the recorded name `path` up to date: until a
+    /// new change to it is recorded, it no longer counts as recorded for
+    /// [`DirtyLog::contains`] and [`DirtyLog::contains_at_or_under`] (so that
+    /// a live rename of it needs no record: the peer's copy it moves is
+    /// current). The records stay in the file until [`DirtyLog::clear`].
+    pub fn mark_settled(&self, dir: u16, path: &RelPath) {
+        let mut inner = self.lock();
+        if inner.seen.contains_key(&(dir, path.clone())) {
+            inner.settled.insert((dir, path.clone()));
+        }
+    }
+
+    /// Forgets every [`DirtyLog::mark_settled`] (a resync starts or ends).
+    pub fn forget_settled(&self) {
+        self.lock().settled.clear();
     }
 
     /// Empties the log durably (after a successful resync).
@@ -552,6 +581,7 @@ impl DirtyLog {
         inner.file.seek(SeekFrom::End(0))?;
         inner.file.sync_all()?;
         inner.seen.clear();
+        inner.settled.clear();
         // Pending appends were cleared with the rest: nothing is left to wait for.
         inner.synced = inner.appended;
         inner.synced_len = HEADER.len() as u64;
@@ -1015,6 +1045,33 @@ mod tests {
             DirtyLog::load(&path).expect("load").records.len(),
             1 + 8 * 50
         );
+    }
+
+    #[test]
+    fn a_settled_name_counts_as_recorded_again_only_after_a_new_change() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("dirty");
+        let log = DirtyLog::open(&path).expect("open");
+        let name = RelPath::parse(b"docs/a").expect("valid");
+        let docs = RelPath::parse(b"docs").expect("valid");
+        log.record(&[whole("docs/a")]).expect("record");
+        assert!(log.contains(0, &name) && log.contains_at_or_under(0, &docs));
+
+        // A resync brought it up to date: a live rename of it (or of its
+        // directory) needs no record.
+        log.mark_settled(0, &name);
+        assert!(!log.contains(0, &name) && !log.contains_at_or_under(0, &docs));
+
+        // Changed again: appended even though the old record covers it, so
+        // that the resync's final stage sees a new record.
+        assert_eq!(log.record(&[whole("docs/a")]).expect("record"), 1);
+        assert!(log.contains(0, &name));
+        assert_eq!(DirtyLog::load(&path).expect("load").records.len(), 2);
+
+        // A new run starts with nothing settled.
+        log.mark_settled(0, &name);
+        log.forget_settled();
+        assert!(log.contains(0, &name));
     }
 
     #[test]

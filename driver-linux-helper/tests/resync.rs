@@ -1050,6 +1050,10 @@ fn a_stopped_resync_reports_it_and_the_next_run_completes() {
 /// files of the batch) and deletes of those very files go on.
 #[test]
 fn incremental_resync_of_small_files_while_they_are_rewritten_renamed_and_deleted_ends_identical() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("info")
+        .with_test_writer()
+        .try_init();
     let pair = Arc::new(Pair::new(Role::Replicating));
     let mut rng = Rng(31);
     populate(&pair.primary, &mut rng, 4, 100, 0, 0);

@@ -787,13 +787,15 @@ impl ResyncEngine {
             .map(|record| (record.dir, record.path.clone()))
             .collect();
         self.locks.start_collecting((!full).then_some(paths));
-        struct StopCollecting<'a>(&'a FileLocks);
+        self.sender.dirty_log().forget_settled();
+        struct StopCollecting<'a>(&'a FileLocks, &'a DirtyLog);
         impl Drop for StopCollecting<'_> {
             fn drop(&mut self) {
                 self.0.stop_collecting();
+                self.1.forget_settled();
             }
         }
-        let _stop_collecting = StopCollecting(&self.locks);
+        let _stop_collecting = StopCollecting(&self.locks, self.sender.dirty_log());
         let done = AtomicBool::new(false);
         let result = std::thread::scope(|scope| {
             if let Some(callback) = &self.on_progress {
@@ -1010,6 +1012,14 @@ impl<'a> Run<'a> {
             touched_dirs: Mutex::new(HashSet::new()),
             quick_check_before,
         }
+    }
+
+    /// `path` is up to date on the replica (call with its lock held): for
+    /// the lock table's rename tracking, and for the dirty log (a live rename
+    /// of it needs no record any more).
+    fn mark_finished(&self, dir: u16, path: &RelPath) {
+        self.engine.locks.mark_finished(dir, path);
+        self.engine.sender.dirty_log().mark_settled(dir, path);
     }
 
     fn check_stop(&self) -> Result<(), ResyncError> {
@@ -1294,10 +1304,10 @@ impl<'a> Run<'a> {
             }) {
                 self.set_attrs(dir, path, &local, local.kind != EntryKind::Symlink)?;
             }
-            self.engine.locks.mark_finished(dir, path);
+            self.mark_finished(dir, path);
             return Ok(());
         }
-        self.engine.locks.mark_finished(dir, path);
+        self.mark_finished(dir, path);
         if let Some(remote) = remote {
             self.delete_remote(dir, path, remote)?;
         }
@@ -1549,7 +1559,7 @@ impl<'a> Run<'a> {
             if let Some(remote) = self.remote_stat(*dir, path)? {
                 self.remove_unless_present(*dir, path, &remote)?;
             }
-            self.engine.locks.mark_finished(*dir, path);
+            self.mark_finished(*dir, path);
             self.note_parent(*dir, path);
             bump(&counters.files_done, 1);
         }
@@ -1560,7 +1570,7 @@ impl<'a> Run<'a> {
         for (dir, path) in attr_dirs {
             self.check_stop()?;
             if self.sync_dir_attrs(dir, &path)? {
-                self.engine.locks.mark_finished(dir, &path);
+                self.mark_finished(dir, &path);
                 bump(&counters.files_done, 1);
             } else {
                 dirs.push((dir, path));
@@ -1649,7 +1659,7 @@ impl<'a> Run<'a> {
         });
         walked?;
         for (dir, path) in &roots {
-            self.engine.locks.mark_finished(*dir, path);
+            self.mark_finished(*dir, path);
         }
         Ok(())
     }
@@ -1840,7 +1850,7 @@ impl<'a> Run<'a> {
                                 {
                                     self.set_attrs(dir, &child, &now, true)?;
                                 }
-                                self.engine.locks.mark_finished(dir, &child);
+                                self.mark_finished(dir, &child);
                             }
                             self.finished(dir, &child, size)?;
                         } else if !self.skip_resumed(dir, &child, size) {
@@ -2221,7 +2231,7 @@ impl<'a> Run<'a> {
             bump(&counters.files_sent, 1);
         }
         self.note_parent(dir, current);
-        self.engine.locks.mark_finished(dir, current);
+        self.mark_finished(dir, current);
         Ok(())
     }
 
