@@ -43,7 +43,9 @@ enum Record {
 #[derive(Debug)]
 pub struct ResyncCursor {
     path: PathBuf,
-    file: File,
+    /// `None` until the first files are recorded: a run that completes
+    /// before any confirmation never writes the file (a resumed one has it).
+    file: Option<File>,
     start: CursorStart,
     done: HashSet<(u16, RelPath)>,
 }
@@ -72,14 +74,21 @@ impl ResyncCursor {
             tracing::info!(done = done.len(), "resuming an interrupted resync");
             return Ok(ResyncCursor {
                 path: path.to_path_buf(),
-                file: records::open_append(path, valid)?,
+                file: Some(records::open_append(path, valid)?),
                 start: *previous,
                 done,
             });
         }
+        // Any other cursor is of another run: gone now, so that a crash
+        // before this run's first record does not resume that one.
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+            Err(error) => return Err(error),
+        }
         Ok(ResyncCursor {
             path: path.to_path_buf(),
-            file: records::rewrite(path, MAGIC, &[Record::Start(start)])?,
+            file: None,
             start,
             done: HashSet::new(),
         })
@@ -118,7 +127,15 @@ impl ResyncCursor {
         if bytes.is_empty() {
             return Ok(());
         }
-        records::append(&mut self.file, &bytes)?;
+        let file = match &mut self.file {
+            Some(file) => file,
+            None => self.file.insert(records::rewrite(
+                &self.path,
+                MAGIC,
+                &[Record::Start(self.start)],
+            )?),
+        };
+        records::append(file, &bytes)?;
         self.done.extend(files.iter().cloned());
         Ok(())
     }
