@@ -45,6 +45,10 @@
 //! `Event::WaitResourcesInit`); `safekit state -v` lists those resources.
 //! Only checkers that run in WAIT (`pre`) count: the others could never
 //! leave `init` there. `prim`/`second` commands are explicit and go on.
+//! Entering that WAIT probes those checkers at once
+//! ([`CheckerSet::probe_at_start`]), and a first `up` verdict needs no
+//! stability delay, so a start (a failback) waits for one probe, not for one
+//! to three probe periods (it waited 6-9 s with `<interface check="on">`).
 //!
 //! `<failover period handle_time>`: an explicit rule runs its action once
 //! its condition has held for `handle_time`, at the next evaluation (every
@@ -73,7 +77,7 @@ use std::time::Duration;
 use safekit_core::cluster::rules::{
     self, Decision, LocalAction, LoopCounter, ResourceValue, Rule, Stability,
 };
-use safekit_core::cluster::{SecondPhase, State};
+use safekit_core::cluster::{SecondPhase, State, WaitReason};
 use safekit_core::config::{CheckerAction, CheckerKind, ProcAction, UserConfig, When};
 
 /// A raw observation of one probe.
@@ -624,6 +628,28 @@ where
     }
 }
 
+/// Probes each of `specs` once, at once, and sends its observation to
+/// `send` (see [`CheckerSet::probe_at_start`]).
+///
+/// # Panics
+/// Outside a tokio runtime.
+pub fn probe_once<F>(specs: Vec<CheckerSpec>, send: F)
+where
+    F: Fn(Observation) -> bool + Clone + Send + Sync + 'static,
+{
+    for spec in specs {
+        let send = send.clone();
+        tokio::spawn(async move {
+            let (up, detail) = probes::poll(&spec.probe, spec.timeout).await;
+            send(Observation {
+                resource: spec.resource,
+                up,
+                detail,
+            });
+        });
+    }
+}
+
 #[derive(Debug)]
 struct Entry {
     spec: CheckerSpec,
@@ -658,6 +684,9 @@ pub struct CheckerSet {
     state: State,
     /// The peer's resources for `remote.` in rules (empty: unknown).
     remote: Vec<(String, ResourceValue)>,
+    /// The module is in WAIT for resources still `init`, and they were probed
+    /// at once when it entered it ([`Self::probe_at_start`]).
+    probed_at_start: bool,
 }
 
 /// The module's `<failover>` rules that the agent runs (see [`rules::parse_rules`];
@@ -692,6 +721,7 @@ impl CheckerSet {
             engine: rules::HandleTime::immediate(),
             state: State::Stop,
             remote: Vec::new(),
+            probed_at_start: false,
         }
     }
 
@@ -997,6 +1027,31 @@ impl CheckerSet {
             .collect()
     }
 
+    /// The polled checkers to probe at once, not at their next period: when
+    /// the module enters WAIT because resources of wait rules are still
+    /// `init` (a start), those resources, once per entry. Their first `up`
+    /// verdict needs no stability delay, so the start goes on after one probe
+    /// instead of one to three periods (3 s each for `<interface check="on">`).
+    pub fn probe_at_start(&mut self, state: State) -> Vec<CheckerSpec> {
+        if state != State::Wait(WaitReason::ResourceInit) {
+            self.probed_at_start = false;
+            return Vec::new();
+        }
+        if self.probed_at_start {
+            return Vec::new();
+        }
+        self.probed_at_start = true;
+        let init = self.wait_resources_init();
+        self.entries
+            .values()
+            .filter(|entry| {
+                init.contains(&entry.spec.resource)
+                    && !matches!(entry.spec.probe, Probe::Custom { .. })
+            })
+            .map(|entry| entry.spec.clone())
+            .collect()
+    }
+
     /// An operator command: `maxloop` counts from zero again.
     pub fn reset_loop(&mut self) {
         self.counter.reset();
@@ -1090,7 +1145,7 @@ impl CheckerSet {
         };
         if decision.command.is_some() {
             // The action changes things: judge again from scratch afterwards.
-            entry.stability.reset();
+            entry.stability.reset_after_action();
             entry.since = None;
         }
         self.after_decision(now, &decision);
@@ -1587,6 +1642,56 @@ mod tests {
             BTreeSet::from(["intf.10.0.0.0".to_string(), "intf.10.1.0.0".to_string()]),
             "a started module waits for their first verdicts"
         );
+    }
+
+    #[test]
+    fn a_start_probes_its_waited_resources_at_once_and_goes_on_at_the_first_up() {
+        let config = safekit_core::config::parse_userconfig(
+            "userconfig.xml",
+            r#"<safe><service mode="mirror">
+  <heart><heartbeat name="default"/></heart>
+  <vip><interface_list>
+    <interface check="on"><real_interface>
+      <virtual_addr addr="10.0.0.100" where="one_side_alias"/>
+    </real_interface></interface>
+  </interface_list></vip>
+  <errd polltimer="10"><proc name="app" atleast="1" action="restart" class="prim"/></errd>
+</service></safe>"#,
+        )
+        .expect("valid userconfig");
+        let (specs, problems) = specs(&config);
+        assert!(problems.is_empty(), "{problems:?}");
+        let mut set = CheckerSet::new(specs, 3, Duration::ZERO);
+        let waiting = State::Wait(WaitReason::ResourceInit);
+        assert!(set.probe_at_start(State::Stop).is_empty(), "not started");
+        let probed: Vec<String> = set
+            .probe_at_start(waiting)
+            .into_iter()
+            .map(|spec| spec.resource)
+            .collect();
+        assert_eq!(probed, ["intf.10.0.0.0"], "only the waited resource");
+        assert!(
+            set.probe_at_start(waiting).is_empty(),
+            "once per entry into WAIT"
+        );
+        // Its first good probe is a verdict at once: the start goes on.
+        let link_up = Observation {
+            resource: "intf.10.0.0.0".into(),
+            up: true,
+            detail: "eth0 has carrier".into(),
+        };
+        let outcome = set.observe(Duration::from_secs(1), link_up, waiting, false, false);
+        assert_eq!(outcome.verdict, Some(("intf.10.0.0.0".to_string(), true)));
+        assert!(set.wait_resources_init().is_empty());
+        // Stopped, the verdict is forgotten at the next probe; a later start probes again.
+        assert!(set.probe_at_start(State::Stop).is_empty());
+        let in_stop = Observation {
+            resource: "intf.10.0.0.0".into(),
+            up: true,
+            detail: "eth0 has carrier".into(),
+        };
+        set.observe(Duration::from_secs(4), in_stop, State::Stop, false, false);
+        assert_eq!(set.probe_at_start(waiting).len(), 1);
     }
 
     #[test]

@@ -494,6 +494,7 @@ impl Runner {
                 self.set_remote_resources(None).await;
             }
             self.sync_wait_resources_init().await;
+            self.probe_at_start();
             self.datapath
                 .set_peer_in_sync(self.machine.state() == State::Prim);
             self.publish();
@@ -1394,6 +1395,19 @@ impl Runner {
                 && checker_events
                     .send(RunnerEvent::Checker(observation))
                     .is_ok()
+        });
+    }
+
+    /// A start waiting for the first verdicts of wait rules' resources has
+    /// them probed at once ([`crate::checkers::CheckerSet::probe_at_start`]).
+    fn probe_at_start(&mut self) {
+        let specs = self.checkers.probe_at_start(self.machine.state());
+        if specs.is_empty() {
+            return;
+        }
+        let events = self.events.clone();
+        crate::checkers::probe_once(specs, move |observation| {
+            events.send(RunnerEvent::Checker(observation)).is_ok()
         });
     }
 

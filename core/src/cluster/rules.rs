@@ -77,21 +77,31 @@ impl LocalAction {
     }
 }
 
-/// A verdict that changes only after it was observed unchanged for `delay`.
+/// A verdict that changes only after it was observed unchanged for `delay`,
+/// except the first one when it is `up`: nothing acts on a resource coming
+/// up, and a start waiting for its first verdict (WAIT Transient) then goes on
+/// at the first good probe, not one to two probe periods later. A first
+/// `down` still needs the delay (it may fire the checker's action), and so
+/// does the first `up` after [`Stability::reset_after_action`] (the implicit
+/// wake-up after a `wait()` waits for a stable link, as before).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stability {
     delay: Duration,
     verdict: Option<bool>,
     candidate: Option<(bool, Duration)>,
+    /// A first `up` verdict needs no delay.
+    quick_first_up: bool,
 }
 
 impl Stability {
-    /// No verdict yet (SafeKit's `init`); changes need `delay` of agreeing observations.
+    /// No verdict yet (SafeKit's `init`); changes need `delay` of agreeing
+    /// observations, but for a first `up` verdict.
     pub fn new(delay: Duration) -> Self {
         Stability {
             delay,
             verdict: None,
             candidate: None,
+            quick_first_up: true,
         }
     }
 
@@ -105,6 +115,11 @@ impl Stability {
         if self.verdict == Some(up) {
             self.candidate = None;
             return None;
+        }
+        if self.verdict.is_none() && up && self.quick_first_up {
+            self.verdict = Some(true);
+            self.candidate = None;
+            return Some(true);
         }
         let since = match self.candidate {
             Some((candidate, since)) if candidate == up => since,
@@ -122,10 +137,19 @@ impl Stability {
         }
     }
 
-    /// Forgets the verdict (the checker is not active, or its action just ran).
+    /// Forgets the verdict (the checker is not active).
     pub fn reset(&mut self) {
         self.verdict = None;
         self.candidate = None;
+        self.quick_first_up = true;
+    }
+
+    /// Forgets the verdict after the checker's action ran: the next verdict,
+    /// `up` included, needs the delay.
+    pub fn reset_after_action(&mut self) {
+        self.verdict = None;
+        self.candidate = None;
+        self.quick_first_up = false;
     }
 }
 
@@ -784,8 +808,42 @@ mod tests {
     #[test]
     fn a_verdict_needs_the_stability_delay() {
         let mut stability = Stability::new(s(2));
-        assert_eq!(stability.observe(s(0), true), None);
-        assert_eq!(stability.observe(s(2), true), Some(true));
+        assert_eq!(stability.observe(s(0), false), None);
+        assert_eq!(stability.observe(s(1), false), None);
+        assert_eq!(stability.observe(s(2), false), Some(false));
+        assert_eq!(stability.observe(s(2), true), None);
+        assert_eq!(stability.observe(s(4), true), Some(true));
+        assert_eq!(stability.observe(s(5), false), None);
+        assert_eq!(stability.observe(s(6), true), None);
+        assert_eq!(stability.observe(s(7), false), None);
+        assert_eq!(stability.observe(s(9), false), Some(false));
+        stability.reset();
+        assert_eq!(stability.verdict(), None);
+    }
+
+    #[test]
+    fn a_first_up_verdict_needs_no_delay_a_first_down_does() {
+        let mut stability = Stability::new(s(3));
+        // A start waiting for its first verdict goes on at the first good probe.
+        assert_eq!(stability.observe(s(0), true), Some(true));
+        assert_eq!(stability.verdict(), Some(true));
+        // Going down afterwards still needs the delay.
+        assert_eq!(stability.observe(s(1), false), None);
+        assert_eq!(stability.observe(s(4), false), Some(false));
+        // Forgotten (inactive): a first down needs the delay again.
+        stability.reset();
+        assert_eq!(stability.observe(s(5), false), None);
+        assert_eq!(stability.observe(s(6), true), Some(true));
+        // After the action ran, coming up needs the delay too.
+        stability.reset_after_action();
+        assert_eq!(stability.observe(s(7), true), None);
+        assert_eq!(stability.observe(s(10), true), Some(true));
+    }
+
+    #[test]
+    fn a_flap_restarts_the_delay() {
+        let mut stability = Stability::new(s(2));
+        assert_eq!(stability.observe(s(0), true), Some(true));
         assert_eq!(stability.observe(s(3), false), None);
         // A flap back to up restarts the delay.
         assert_eq!(stability.observe(s(4), true), None);
