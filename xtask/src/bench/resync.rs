@@ -99,6 +99,33 @@ struct Row {
     check: String,
     /// Our engine's counters (its `resync:` line), for our rows.
     detail: Option<String>,
+    /// Every run's time, sorted, when the row is the median of several.
+    runs: Vec<f64>,
+}
+
+/// Runs of each incremental method; the table shows the median (one run
+/// takes tens of milliseconds, where a busy machine's noise is large).
+const INCREMENTAL_RUNS: usize = 3;
+
+/// The run with the median time of `rows` (all of one method), with every
+/// run's time; the first failed run if one failed, and the first copy that
+/// was not identical.
+fn median_of(mut rows: Vec<Row>) -> Row {
+    if let Some(index) = rows.iter().position(|row| row.result.is_err()) {
+        return rows.swap_remove(index);
+    }
+    let check = rows
+        .iter()
+        .map(|row| row.check.clone())
+        .find(|check| check != "identical")
+        .unwrap_or_else(|| "identical".to_owned());
+    let seconds = |row: &Row| row.result.as_ref().map_or(f64::MAX, |t| t.seconds);
+    rows.sort_by(|a, b| seconds(a).total_cmp(&seconds(b)));
+    let runs: Vec<f64> = rows.iter().map(seconds).collect();
+    let mut median = rows.swap_remove(rows.len() / 2);
+    median.check = check;
+    median.runs = runs;
+    median
 }
 
 /// What [`change`] did: enough to record it and to undo it on a copy.
@@ -399,10 +426,62 @@ fn run_set(
         changed.ranges.len(),
         changed.bytes >> 10
     );
-    let _ = std::fs::remove_file(&dirty_log);
-    let _ = std::fs::remove_file(cursor_of(&dirty_log));
+    let recorded = record_dirty(rfs, &dirty_log, &changed)?;
+    println!(
+        "bench resync: {slug}: changed on node 1 ({}); {recorded}",
+        run.changed
+    );
+    sync_all(env);
+    check_stop(interrupted)?;
+
+    // Each method brings the same old state up to date, INCREMENTAL_RUNS times.
+    let mut rows = Vec::new();
+    for attempt in 0..INCREMENTAL_RUNS {
+        if attempt > 0 {
+            revert(&ours, &changed)?;
+            record_dirty(rfs, &dirty_log, &changed)?;
+            sync_all(env);
+        }
+        step(&format!("{slug}: our incremental resync (dirty log)"));
+        let row = ours_resync(env, rfs, &secret, &src, &ours, &dirty_log, false);
+        rows.push(checked_ours("ours: incremental resync", row, &src, &ours));
+        check_stop(interrupted)?;
+    }
+    run.incremental.push(median_of(rows));
+    let ours_dest = path_str(&ours_rel)?;
+    for (method, extra) in [
+        ("rsync -a --delete", &["--delete"][..]),
+        (
+            "rsync -a --delete --checksum",
+            &["--delete", "--checksum"][..],
+        ),
+    ] {
+        let mut rows = Vec::new();
+        for _ in 0..INCREMENTAL_RUNS {
+            revert(&ours, &changed)?;
+            sync_all(env);
+            step(&format!("{slug}: {method}"));
+            let row = rsync(env, &src, &ours_dest, extra);
+            rows.push(checked(method, row, &src, &ours));
+            check_stop(interrupted)?;
+        }
+        run.incremental.push(median_of(rows));
+    }
+    for dir in [&src, &ours] {
+        remove(dir)?;
+    }
+    sync_all(env);
+    Ok(run)
+}
+
+/// Records `changed` in a fresh dirty log (as the mount records writes made
+/// while the peer is absent), with no resync cursor; returns what
+/// `safekit-rfs dirty-add` said.
+fn record_dirty(rfs: &Path, dirty_log: &Path, changed: &Changed) -> anyhow::Result<String> {
+    let _ = std::fs::remove_file(dirty_log);
+    let _ = std::fs::remove_file(cursor_of(dirty_log));
     let mut add = Command::new(rfs);
-    add.args(["dirty-add", "--dirty-log", &path_str(&dirty_log)?]);
+    add.args(["dirty-add", "--dirty-log", &path_str(dirty_log)?]);
     for range in &changed.ranges {
         add.arg(format!("--range={range}"));
     }
@@ -416,39 +495,7 @@ fn run_set(
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    println!(
-        "bench resync: {slug}: changed on node 1 ({}); {}",
-        run.changed,
-        String::from_utf8_lossy(&out.stdout).trim()
-    );
-    sync_all(env);
-    check_stop(interrupted)?;
-
-    step(&format!("{slug}: our incremental resync (dirty log)"));
-    let row = ours_resync(env, rfs, &secret, &src, &ours, &dirty_log, false);
-    run.incremental
-        .push(checked_ours("ours: incremental resync", row, &src, &ours));
-    check_stop(interrupted)?;
-    let ours_dest = path_str(&ours_rel)?;
-    for (method, extra) in [
-        ("rsync -a --delete", &["--delete"][..]),
-        (
-            "rsync -a --delete --checksum",
-            &["--delete", "--checksum"][..],
-        ),
-    ] {
-        revert(&ours, &changed)?;
-        sync_all(env);
-        step(&format!("{slug}: {method}"));
-        let row = rsync(env, &src, &ours_dest, extra);
-        run.incremental.push(checked(method, row, &src, &ours));
-        check_stop(interrupted)?;
-    }
-    for dir in [&src, &ours] {
-        remove(dir)?;
-    }
-    sync_all(env);
-    Ok(run)
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
 /// Puts node 2's `copy` back to the old state: the changed bytes and mtimes.
@@ -569,6 +616,7 @@ fn checked(method: &str, result: anyhow::Result<Timed>, src: &Path, copy: &Path)
         result,
         check,
         detail: None,
+        runs: Vec::new(),
     }
 }
 
@@ -927,6 +975,15 @@ fn set_table(run: &SetRun) -> String {
     out
 }
 
+/// Seconds with three significant decimals below one second.
+fn seconds(s: f64) -> String {
+    if s < 1.0 {
+        format!("{s:.3} s")
+    } else {
+        format!("{s:.2} s")
+    }
+}
+
 fn row_line(row: &Row, total: u64, ours: Option<Timed>, full: bool) -> String {
     match &row.result {
         Ok(t) => {
@@ -936,10 +993,19 @@ fn row_line(row: &Row, total: u64, ours: Option<Timed>, full: bool) -> String {
                 format!("{:.0} MB/s of data set", total as f64 / t.seconds / 1e6)
             };
             let ratio = ours.map_or("-".to_owned(), |o| format!("{:.2}x", t.seconds / o.seconds));
+            let time = match row.runs.as_slice() {
+                [first, .., last] => format!(
+                    "{} (median of {}: {}-{})",
+                    seconds(t.seconds),
+                    row.runs.len(),
+                    seconds(*first),
+                    seconds(*last)
+                ),
+                _ => seconds(t.seconds),
+            };
             format!(
-                "| {} | {:.2} s | {throughput} | {} | {ratio} | {} |",
+                "| {} | {time} | {throughput} | {} | {ratio} | {} |",
                 row.method,
-                t.seconds,
                 t.wire_bytes.map_or("-".to_owned(), mib),
                 row.check
             )
