@@ -343,7 +343,16 @@ impl ReplicaRoot {
                 let fd = self.writable(*dir, path)?;
                 let flags = FallocateFlags::from_bits(u32::from_ne_bytes(mode.to_ne_bytes()))
                     .ok_or_else(|| errno(Errno::OPNOTSUPP))?;
-                rustix::fs::fallocate(&*fd, flags, *offset, *len).map_err(errno)
+                match rustix::fs::fallocate(&*fd, flags, *offset, *len) {
+                    // A replica file system that cannot punch holes gets the
+                    // same bytes as zeros (up to the file's end: KEEP_SIZE).
+                    Err(Errno::OPNOTSUPP)
+                        if flags == FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE =>
+                    {
+                        write_zeros(&fd, *offset, *len)
+                    }
+                    other => other.map_err(errno),
+                }
             }
             Op::SetAttr {
                 dir,
@@ -756,6 +765,25 @@ fn open_regular(parent: &impl AsFd, name: &[u8], access: OFlags) -> io::Result<O
 
 /// `chmod` of `name` in `parent` without following a symlink (a symlink's mode is left alone,
 /// as Linux ignores it).
+/// Writes zeros over `[offset, offset + len)` of `fd`, not past its end.
+fn write_zeros(fd: &impl AsFd, offset: u64, len: u64) -> io::Result<()> {
+    let size = rustix::fs::fstat(fd).map_err(errno)?.st_size;
+    let end = offset
+        .saturating_add(len)
+        .min(u64::try_from(size).unwrap_or(0));
+    let zeros = vec![0u8; 1 << 20];
+    let mut at = offset;
+    while at < end {
+        let chunk = usize::try_from((end - at).min(zeros.len() as u64)).unwrap_or(zeros.len());
+        let written = rustix::io::pwrite(fd, &zeros[..chunk], at).map_err(errno)?;
+        if written == 0 {
+            return Err(io::Error::from(io::ErrorKind::WriteZero));
+        }
+        at += written as u64;
+    }
+    Ok(())
+}
+
 fn chmod_nofollow(parent: &impl AsFd, name: &[u8], mode: u32) -> io::Result<()> {
     let probe = rustix::fs::openat(
         parent,

@@ -698,6 +698,77 @@ fn recorded_small_files_are_settled_in_one_step_whatever_differs() {
     );
 }
 
+/// Bytes a file occupies on disk.
+fn allocated(path: &Path) -> u64 {
+    fs::metadata(path).expect("stat").blocks() * 512
+}
+
+#[test]
+fn sparse_files_stay_sparse_and_a_hole_punched_while_alone_is_punched_on_the_replica() {
+    let pair = Pair::new(Role::Replicating);
+    let mut rng = Rng(41);
+    // 64 MiB with 1 MiB of data at 8 MiB and 100 KiB at the end.
+    let sparse = pair.local("disk.img");
+    let file = fs::File::create(&sparse).expect("create");
+    file.set_len(64 << 20).expect("size");
+    file.write_all_at(&rng.bytes(1 << 20), 8 << 20)
+        .expect("data");
+    file.write_all_at(&rng.bytes(100 << 10), (64 << 20) - (100 << 10))
+        .expect("tail");
+    // A dense file: a hole is punched in it while alone.
+    write_file(&pair.local("dense"), &rng.bytes(4 << 20), 0o644, 0);
+    drop(file);
+
+    let stats = pair.resync(ResyncKind::Full);
+    assert_same_trees(&pair, true);
+    let replica_sparse = pair.replica.join("disk.img");
+    assert!(
+        allocated(&replica_sparse) <= allocated(&sparse) + (1 << 20),
+        "the replica's copy stays sparse: {} bytes allocated for the primary's {}",
+        allocated(&replica_sparse),
+        allocated(&sparse)
+    );
+    assert!(stats.holes_sent > 0, "{stats:?}");
+    assert!(
+        stats.bytes_sent < (8 << 20),
+        "holes are not shipped as zeros: {stats:?}"
+    );
+
+    pair.sender.set_role(Role::Alone);
+    let dense = fs::OpenOptions::new()
+        .write(true)
+        .open(pair.local("dense"))
+        .expect("open");
+    rustix::fs::fallocate(
+        &dense,
+        rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+        1 << 20,
+        2 << 20,
+    )
+    .expect("punch");
+    drop(dense);
+    pair.alone(Op::Fallocate {
+        dir: 0,
+        path: p("dense"),
+        mode: 0x03,
+        offset: 1 << 20,
+        len: 2 << 20,
+    });
+    pair.replicate_again();
+    let stats = pair.resync(ResyncKind::Incremental { extra: Vec::new() });
+    assert_same_trees(&pair, true);
+    assert_eq!(
+        stats.holes_sent, 32,
+        "the 2 MiB hole, 64 KiB blocks: {stats:?}"
+    );
+    assert_eq!(stats.bytes_sent, 0, "no zeros shipped: {stats:?}");
+    assert!(
+        allocated(&pair.replica.join("dense")) <= (2 << 20) + (256 << 10),
+        "the hole is punched on the replica too: {} bytes allocated",
+        allocated(&pair.replica.join("dense"))
+    );
+}
+
 /// Size of the race test's big file in MiB (default 1024: issue 5's 1 GiB
 /// race, about 20 s in a debug build with SHA-256 optimized, see the workspace
 /// `Cargo.toml`); set it lower for a quick local run.

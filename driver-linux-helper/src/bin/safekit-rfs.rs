@@ -525,7 +525,7 @@ fn run_resync(args: ResyncArgs) -> anyhow::Result<()> {
     println!(
         "resync: kind={} seconds={seconds:.3} files_examined={} files_sent={} blocks_compared={} \
          file_blocks={} files_by_range={} files_whole={} \
-         blocks_sent={} bytes_sent={} entries_deleted={} dirs_created={} attr_updates={} \
+         blocks_sent={} holes_sent={} bytes_sent={} entries_deleted={} dirs_created={} attr_updates={} \
          extra_passes={} deferred={} stream_bytes={}",
         if args.full { "full" } else { "incremental" },
         stats.files_examined,
@@ -535,6 +535,7 @@ fn run_resync(args: ResyncArgs) -> anyhow::Result<()> {
         stats.files_by_range,
         stats.files_whole,
         stats.blocks_sent,
+        stats.holes_sent,
         stats.bytes_sent,
         stats.entries_deleted,
         stats.dirs_created,

@@ -99,8 +99,13 @@
 //! log. Any error leaves all three, and the replica must not be considered up
 //! to date.
 //!
-//! Known limits: hard links are copied as separate files; sparse files become
-//! dense on the replica; extended attributes are not compared; a directory
+//! Holes: a run of blocks to ship that is a hole in the primary's file
+//! (`SEEK_DATA`) is shipped as a hole punched in the replica's file
+//! (`Fallocate`), so sparse files (VM images, preallocated logs) stay sparse
+//! instead of filling the secondary's disk with zeros.
+//!
+//! Known limits: hard links are copied as separate files; extended
+//! attributes are not compared; a directory
 //! renamed while not yet compared is re-compared whole, and so is a
 //! directory renamed while alone (its new name is compared as a subtree
 //! against a replica that has it under the old name).
@@ -221,6 +226,8 @@ pub struct ResyncStats {
     pub files_whole: u64,
     /// Blocks shipped.
     pub blocks_sent: u64,
+    /// Blocks shipped as holes punched in the replica's file (sparse files).
+    pub holes_sent: u64,
     /// Data bytes shipped.
     pub bytes_sent: u64,
     /// Entries removed from the replica.
@@ -336,6 +343,7 @@ struct Counters {
     files_by_range: AtomicU64,
     files_whole: AtomicU64,
     blocks_sent: AtomicU64,
+    holes_sent: AtomicU64,
     bytes_sent: AtomicU64,
     entries_deleted: AtomicU64,
     dirs_created: AtomicU64,
@@ -364,6 +372,7 @@ impl Counters {
             &self.files_by_range,
             &self.files_whole,
             &self.blocks_sent,
+            &self.holes_sent,
             &self.bytes_sent,
             &self.entries_deleted,
             &self.dirs_created,
@@ -390,6 +399,7 @@ impl Counters {
             files_by_range: v(&self.files_by_range),
             files_whole: v(&self.files_whole),
             blocks_sent: v(&self.blocks_sent),
+            holes_sent: v(&self.holes_sent),
             bytes_sent: v(&self.bytes_sent),
             entries_deleted: v(&self.entries_deleted),
             dirs_created: v(&self.dirs_created),
@@ -569,6 +579,18 @@ const BATCHES_IN_FLIGHT: usize = 2;
 /// A batch of jobs asked about, `(job, first block, count)`, with its ticket.
 type AskedBatch = (RequestTicket, Vec<(Job, u64, u64)>);
 
+/// What [`Run::ship_blocks`] shipped of a file.
+#[derive(Debug, Default)]
+struct Shipped {
+    /// Data or holes.
+    any: bool,
+    /// Holes (punched in the replica's file).
+    punched: bool,
+}
+
+/// `fallocate(2)` mode of a shipped hole: `FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE`.
+const PUNCH_HOLE_KEEP_SIZE: i32 = 0x02 | 0x01;
+
 /// What [`Run::settle_file`] needs to know of how a file was brought up to date.
 struct Settled<'r> {
     /// The file's size when its comparison started.
@@ -579,6 +601,8 @@ struct Settled<'r> {
     created_with: Option<(u32, u32, u32)>,
     /// Some of its data was shipped.
     sent_any: bool,
+    /// Some of its blocks were shipped as holes (the replica's size may be short).
+    punched: bool,
 }
 
 /// What an incremental resync compares of one name, from its dirty records.
@@ -2084,7 +2108,7 @@ impl<'a> Run<'a> {
             }
         };
         let remote_size = remote.as_ref().map_or(0, |meta| meta.size);
-        let mut sent_any = false;
+        let mut shipped = Shipped::default();
         let compare_blocks = blocks(size.min(remote_size), block_size);
         let (scope, chunks) = if remote.is_some() {
             plan_chunks(&job.scope, size, remote_size, block_size, per_request)
@@ -2171,14 +2195,14 @@ impl<'a> Run<'a> {
                 }
             }
             // Ship what differs in this chunk before comparing further.
-            if !self.ship_blocks(dir, &fd, &differing, &relock, &mut sent_any)? {
+            if !self.ship_blocks(dir, &fd, &differing, &relock, &mut shipped)? {
                 return Ok(FileEnd::Vanished);
             }
             differing.clear();
         }
         // Blocks the replica does not have at all.
         let tail: Vec<u64> = (compare_blocks..blocks(size, block_size)).collect();
-        if !self.ship_blocks(dir, &fd, &tail, &relock, &mut sent_any)? {
+        if !self.ship_blocks(dir, &fd, &tail, &relock, &mut shipped)? {
             return Ok(FileEnd::Vanished);
         }
         // Size and attributes, under the lock, as they are now.
@@ -2194,7 +2218,8 @@ impl<'a> Run<'a> {
                 size,
                 remote: remote.as_ref(),
                 created_with: created.then_some(created_with),
-                sent_any,
+                sent_any: shipped.any,
+                punched: shipped.punched,
             };
             self.settle_file(dir, &current, &tree::meta(&stat, Vec::new()), &settled)?;
             current
@@ -2219,7 +2244,8 @@ impl<'a> Run<'a> {
         // file's size, or when it was created here and every block up to
         // the size was shipped; shipped blocks end inside the file, and a
         // file that changed size meanwhile has `now.size != size`.
-        let size_settled = now.size == settled.size && (created || now.size == remote_size);
+        let size_settled =
+            now.size == settled.size && (created || now.size == remote_size) && !settled.punched;
         if !size_settled {
             self.submit(Op::Truncate {
                 dir,
@@ -2338,6 +2364,7 @@ impl<'a> Run<'a> {
             remote: Some(remote),
             created_with: None,
             sent_any,
+            punched: false,
         };
         self.settle_file(job.dir, &current, &now, &settled)?;
         drop(guard);
@@ -2345,31 +2372,56 @@ impl<'a> Run<'a> {
         Ok(Some(FileEnd::Done))
     }
 
-    /// Ships `blocks` (sorted), coalescing neighbours up to `max_write`; `false` if the file vanished.
+    /// Ships `blocks` (sorted), coalescing neighbours up to `max_write`;
+    /// `false` if the file vanished. A run of blocks that is a hole in the
+    /// primary's file (`SEEK_DATA` finds no data in it) is shipped as a hole
+    /// punched in the replica's file, not as zeros: sparse files stay sparse.
     fn ship_blocks<'l>(
         &'l self,
         dir: u16,
         fd: &OwnedFd,
         blocks_to_send: &[u64],
         relock: &dyn Fn() -> Result<Option<(DataGuard<'l>, RelPath)>, ResyncError>,
-        sent_any: &mut bool,
+        shipped: &mut Shipped,
     ) -> Result<bool, ResyncError> {
         let config = &self.engine.config;
         let block_size = u64::from(config.block_size);
         let per_write = (config.max_write as u64 / block_size).max(1);
+        let hole = |block: u64| tree::is_hole(fd, block * block_size, block_size);
         let mut index = 0;
         while index < blocks_to_send.len() {
             self.check_stop()?;
             let first = blocks_to_send[index];
+            let first_is_hole = hole(first);
             let mut count = 1u64;
             while index + (count as usize) < blocks_to_send.len()
                 && blocks_to_send[index + count as usize] == first + count
                 && count < per_write
+                && hole(first + count) == first_is_hole
             {
                 count += 1;
             }
             index += count as usize;
             let len = usize::try_from(count * block_size).unwrap_or(usize::MAX);
+            if first_is_hole {
+                let Some((_guard, current)) = relock()? else {
+                    return Ok(false);
+                };
+                // Checked again under the lock: a live write may have filled it.
+                if tree::is_hole(fd, first * block_size, count * block_size) {
+                    self.submit(Op::Fallocate {
+                        dir,
+                        path: current,
+                        mode: PUNCH_HOLE_KEEP_SIZE,
+                        offset: first * block_size,
+                        len: count * block_size,
+                    })?;
+                    shipped.any = true;
+                    shipped.punched = true;
+                    bump(&self.counters().holes_sent, count);
+                    continue;
+                }
+            }
             self.throttle.take(len, &self.engine.stop);
             // Wait for room before taking the lock, so that live writes of this
             // file do not wait behind a slow link.
@@ -2391,7 +2443,7 @@ impl<'a> Run<'a> {
                 offset: first * block_size,
                 data,
             })?;
-            *sent_any = true;
+            shipped.any = true;
             let counters = self.counters();
             bump(&counters.blocks_sent, blocks(n as u64, block_size));
             bump(&counters.bytes_sent, n as u64);

@@ -232,6 +232,18 @@ pub(crate) fn read_at(fd: &impl AsFd, buf: &mut [u8], offset: u64) -> io::Result
     Ok(done)
 }
 
+/// Whether `[offset, offset + len)` of `fd` holds no data (a hole, or
+/// beyond the end): `SEEK_DATA` finds none before its end. `false` when the
+/// file system cannot tell (it then reports everything as data).
+pub(crate) fn is_hole(fd: &impl AsFd, offset: u64, len: u64) -> bool {
+    match rustix::fs::seek(fd, rustix::fs::SeekFrom::Data(offset)) {
+        Ok(next_data) => next_data >= offset.saturating_add(len),
+        // No data at or after `offset`.
+        Err(Errno::NXIO) => true,
+        Err(_) => false,
+    }
+}
+
 /// The strong hash of a block.
 pub(crate) fn hash(block: &[u8]) -> BlockHash {
     sha2::Sha256::digest(block).into()
