@@ -101,8 +101,10 @@
 //!
 //! Holes: a run of blocks to ship that is a hole in the primary's file
 //! (`SEEK_DATA`) is shipped as a hole punched in the replica's file
-//! (`Fallocate`), so sparse files (VM images, preallocated logs) stay sparse
-//! instead of filling the secondary's disk with zeros.
+//! (`Fallocate`), so sparse files (VM images, core files) stay sparse
+//! instead of filling the secondary's disk with zeros. File systems that
+//! report preallocated, never-written extents as holes (ext4 does) make a
+//! preallocation a hole on the replica: same bytes, space not reserved there.
 //!
 //! Known limits: hard links are copied as separate files; extended
 //! attributes are not compared; a directory
