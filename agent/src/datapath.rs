@@ -609,6 +609,7 @@ pub mod linux {
                 cursor: self.beside_dirty_log("heal.cursor"),
                 workers: self.config.resync_workers.max(1),
                 request_timeout: self.config.resync_timeout,
+                xattrs: self.config.replicate_xattrs,
                 in_sync: Arc::clone(&self.in_sync),
                 engine_lock: Arc::clone(&self.engine_lock),
                 stop: Arc::clone(&stop),
@@ -1021,6 +1022,7 @@ pub mod linux {
             config.workers = self.config.resync_workers.max(1);
             config.bandwidth = self.config.resync_bandwidth;
             config.request_timeout = self.config.resync_timeout;
+            config.xattrs = self.config.replicate_xattrs;
             let engine_kind = self.engine_kind(kind);
             let progress_events = self.events.clone();
             let engine = ResyncEngine::new(
@@ -1300,6 +1302,8 @@ pub mod linux {
         cursor: PathBuf,
         workers: usize,
         request_timeout: Duration,
+        /// `<rfs acl="on">`: heals compare extended attributes too.
+        xattrs: bool,
         in_sync: Arc<AtomicBool>,
         engine_lock: Arc<Mutex<()>>,
         stop: Arc<AtomicBool>,
@@ -1410,6 +1414,7 @@ pub mod linux {
             let mut config = ResyncConfig::new(self.cursor.clone());
             config.workers = self.workers;
             config.request_timeout = self.request_timeout;
+            config.xattrs = self.xattrs;
             let engine = ResyncEngine::new(
                 config,
                 Arc::clone(&self.sender),

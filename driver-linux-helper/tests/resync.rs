@@ -769,6 +769,108 @@ fn sparse_files_stay_sparse_and_a_hole_punched_while_alone_is_punched_on_the_rep
     );
 }
 
+/// `path`'s user extended attributes, by name.
+fn user_xattrs(path: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut names = vec![0u8; 4096];
+    let n = rustix::fs::llistxattr(path, &mut names[..]).expect("listxattr");
+    names.truncate(n);
+    names
+        .split(|b| *b == 0)
+        .filter(|name| name.starts_with(b"user."))
+        .map(|name| {
+            let name = String::from_utf8(name.to_vec()).expect("utf-8 name");
+            let mut value = vec![0u8; 4096];
+            let n = rustix::fs::lgetxattr(path, name.as_str(), &mut value[..]).expect("getxattr");
+            value.truncate(n);
+            (name, value)
+        })
+        .collect()
+}
+
+fn set_xattr(path: &Path, name: &str, value: &[u8]) {
+    rustix::fs::lsetxattr(path, name, value, rustix::fs::XattrFlags::empty()).expect("setxattr");
+}
+
+#[test]
+fn with_xattrs_a_resync_copies_extended_attributes_and_the_changes_made_while_alone() {
+    let pair = Pair::new(Role::Replicating);
+    let mut rng = Rng(43);
+    fs::create_dir(pair.local("docs")).expect("mkdir");
+    for name in ["a", "b", "c"] {
+        write_file(
+            &pair.local(&format!("docs/{name}")),
+            &rng.bytes(3000),
+            0o644,
+            0,
+        );
+    }
+    set_xattr(&pair.local("docs/a"), "user.color", b"red");
+    set_xattr(&pair.local("docs/b"), "user.owner", b"finance");
+    set_xattr(&pair.local("docs"), "user.tag", b"v1");
+    let resync = |kind| {
+        let mut config = pair.config();
+        config.xattrs = true;
+        match pair.engine(config).run(kind) {
+            Ok(ResyncOutcome::Completed { stats }) => stats,
+            Err(error) => panic!("resync failed: {error}"),
+        }
+    };
+    let same_xattrs = |what: &str| {
+        for path in ["docs", "docs/a", "docs/b", "docs/c"] {
+            assert_eq!(
+                user_xattrs(&pair.replica.join(path)),
+                user_xattrs(&pair.local(path)),
+                "{path} after {what}"
+            );
+        }
+    };
+    let stats = resync(ResyncKind::Full);
+    assert_same_trees(&pair, true);
+    same_xattrs("the full resync");
+    assert_eq!(stats.xattr_updates, 3, "{stats:?}");
+
+    // While alone: one value changed, one removed, one added, the directory's changed.
+    pair.sender.set_role(Role::Alone);
+    let changes: [(&str, &str, Option<&[u8]>); 4] = [
+        ("docs/a", "user.color", Some(b"blue")),
+        ("docs/b", "user.owner", None),
+        ("docs/c", "user.new", Some(b"yes")),
+        ("docs", "user.tag", Some(b"v2")),
+    ];
+    for (path, name, value) in changes {
+        let op = match value {
+            Some(value) => {
+                set_xattr(&pair.local(path), name, value);
+                Op::SetXattr {
+                    dir: 0,
+                    path: p(path),
+                    name: name.as_bytes().to_vec(),
+                    value: value.to_vec(),
+                    flags: 0,
+                }
+            }
+            None => {
+                rustix::fs::lremovexattr(pair.local(path), name).expect("removexattr");
+                Op::RemoveXattr {
+                    dir: 0,
+                    path: p(path),
+                    name: name.as_bytes().to_vec(),
+                }
+            }
+        };
+        pair.alone(op);
+    }
+    pair.replicate_again();
+    let stats = resync(ResyncKind::Incremental { extra: Vec::new() });
+    assert_same_trees(&pair, true);
+    same_xattrs("the incremental resync");
+    assert_eq!(stats.xattr_updates, 4, "{stats:?}");
+    assert_eq!(
+        stats.bytes_sent, 0,
+        "no data sent for attribute changes: {stats:?}"
+    );
+}
+
 /// Size of the race test's big file in MiB (default 1024: issue 5's 1 GiB
 /// race, about 20 s in a debug build with SHA-256 optimized, see the workspace
 /// `Cargo.toml`); set it lower for a quick local run.

@@ -143,6 +143,25 @@ pub enum RequestBody {
         /// The files, answered in this order.
         files: Vec<ChecksumItem>,
     },
+    /// The extended attributes of one path (not following a symlink), for a
+    /// resync that replicates them (`<rfs acl="on">`).
+    Xattrs {
+        /// Replicated directory.
+        dir: u16,
+        /// The path.
+        path: RelPath,
+    },
+}
+
+/// One extended attribute: its full name (`user.x`, `system.posix_acl_access`...) and value.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Xattr {
+    /// The name, namespace included.
+    #[serde(with = "serde_bytes")]
+    pub name: Vec<u8>,
+    /// The value.
+    #[serde(with = "serde_bytes")]
+    pub value: Vec<u8>,
 }
 
 /// One file of a [`RequestBody::ChecksumsBatch`].
@@ -217,6 +236,8 @@ pub enum ReplyBody {
     },
     /// Answer to `ChecksumsBatch`: one answer per file, in the request's order.
     ChecksumsBatch(Vec<FileChecksums>),
+    /// Answer to `Xattrs`, sorted by name (`Failed { ENOENT }` when the path does not exist).
+    Xattrs(Vec<Xattr>),
 }
 
 /// An answer with the identifier of its question.
@@ -235,7 +256,9 @@ impl ResyncRequest {
     /// Why the first invalid path, block size or count is refused.
     pub fn validate(&self) -> Result<(), RequestError> {
         match &self.body {
-            RequestBody::Stat { path, .. } => path.validate().map_err(RequestError::Path),
+            RequestBody::Stat { path, .. } | RequestBody::Xattrs { path, .. } => {
+                path.validate().map_err(RequestError::Path)
+            }
             RequestBody::Checksums {
                 path,
                 block_size,

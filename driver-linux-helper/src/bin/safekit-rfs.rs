@@ -13,7 +13,7 @@
 //!   the directories until SIGTERM/SIGINT, and answers the primary's resync
 //!   requests (listings, block hashes).
 //! - `safekit-rfs resync --dir PATH [--dir PATH2] --peer ADDR --secret-file F
-//!   --module NAME --dirty-log FILE [--full] [--checksum] [--nbrei N]` runs one
+//!   --module NAME --dirty-log FILE [--full] [--checksum] [--xattrs] [--nbrei N]` runs one
 //!   reintegration of the (unmounted) directories to a peer's `receive`, prints
 //!   its counters on one `resync: key=value...` line and exits (benchmarks, manual repair).
 //! - `safekit-rfs dirty-add --dirty-log FILE [--dir-index N] [--range OFF+LEN]... PATH...` records
@@ -155,6 +155,9 @@ enum Command {
         /// With `--full`: compare the blocks of every file, not only of those whose size or mtime differ.
         #[arg(long)]
         checksum: bool,
+        /// Compare and ship extended attributes too (as with `<rfs acl="on">`).
+        #[arg(long)]
+        xattrs: bool,
         /// Parallel file workers.
         #[arg(long, default_value_t = 6)]
         nbrei: usize,
@@ -316,6 +319,7 @@ fn main() -> anyhow::Result<()> {
             cursor,
             full,
             checksum,
+            xattrs,
             nbrei,
             connect_timeout_s,
         } => run_resync(ResyncArgs {
@@ -327,6 +331,7 @@ fn main() -> anyhow::Result<()> {
             cursor,
             full,
             checksum,
+            xattrs,
             nbrei,
             connect_timeout: Duration::from_secs(connect_timeout_s),
         }),
@@ -478,6 +483,7 @@ struct ResyncArgs {
     cursor: Option<PathBuf>,
     full: bool,
     checksum: bool,
+    xattrs: bool,
     nbrei: usize,
     connect_timeout: Duration,
 }
@@ -507,6 +513,7 @@ fn run_resync(args: ResyncArgs) -> anyhow::Result<()> {
     let mut config = ResyncConfig::new(cursor);
     config.workers = args.nbrei.max(1);
     config.checksum_all = args.checksum;
+    config.xattrs = args.xattrs;
     let engine = ResyncEngine::new(
         config,
         Arc::clone(&sender),
@@ -525,7 +532,7 @@ fn run_resync(args: ResyncArgs) -> anyhow::Result<()> {
     println!(
         "resync: kind={} seconds={seconds:.3} files_examined={} files_sent={} blocks_compared={} \
          file_blocks={} files_by_range={} files_whole={} \
-         blocks_sent={} holes_sent={} bytes_sent={} entries_deleted={} dirs_created={} attr_updates={} \
+         blocks_sent={} holes_sent={} bytes_sent={} entries_deleted={} dirs_created={} attr_updates={} xattr_updates={} \
          extra_passes={} deferred={} stream_bytes={}",
         if args.full { "full" } else { "incremental" },
         stats.files_examined,
@@ -540,6 +547,7 @@ fn run_resync(args: ResyncArgs) -> anyhow::Result<()> {
         stats.entries_deleted,
         stats.dirs_created,
         stats.attr_updates,
+        stats.xattr_updates,
         stats.extra_passes,
         stats.deferred,
         sender.stats().bytes,

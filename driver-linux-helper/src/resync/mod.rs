@@ -106,8 +106,14 @@
 //! report preallocated, never-written extents as holes (ext4 does) make a
 //! preallocation a hole on the replica: same bytes, space not reserved there.
 //!
-//! Known limits: hard links are copied as separate files; extended
-//! attributes are not compared; a directory
+//! Extended attributes (ACLs included) are compared and shipped with
+//! [`ResyncConfig::xattrs`] (`<rfs acl="on">`, which also replicates them
+//! live): for every file a worker settles, every file a full resync finds
+//! equal by size and mtime, and every directory the run touched, one
+//! `Xattrs` question each, asked and applied under the entry's data guard.
+//!
+//! Known limits: hard links are copied as separate files; a symlink's
+//! extended attributes are not compared; a directory
 //! renamed while not yet compared is re-compared whole, and so is a
 //! directory renamed while alone (its new name is compared as a subtree
 //! against a replica that has it under the old name).
@@ -165,6 +171,9 @@ pub struct ResyncConfig {
     pub cursor_path: PathBuf,
     /// Compare the blocks of every file in a full resync, not only of those whose size or mtime differ.
     pub checksum_all: bool,
+    /// Compare and ship extended attributes (`<rfs acl="on">`: the data path
+    /// replicates them live) of the files and directories it compares.
+    pub xattrs: bool,
     /// Clear the dirty log on completion.
     pub clear_dirty_log: bool,
     /// Finished files are confirmed (durable barrier) and written to the cursor
@@ -186,6 +195,7 @@ impl ResyncConfig {
             request_timeout: Duration::from_secs(60),
             cursor_path,
             checksum_all: false,
+            xattrs: false,
             clear_dirty_log: true,
             confirm_files: 128,
             confirm_interval: Duration::from_secs(1),
@@ -238,6 +248,8 @@ pub struct ResyncStats {
     pub dirs_created: u64,
     /// Attribute-only updates.
     pub attr_updates: u64,
+    /// Extended attributes set or removed on the replica (with `xattrs`).
+    pub xattr_updates: u64,
     /// Passes over files the dirty log recorded during the run.
     pub extra_passes: u64,
     /// Operations not shipped in time (recorded dirty, compared again at the end).
@@ -350,6 +362,7 @@ struct Counters {
     entries_deleted: AtomicU64,
     dirs_created: AtomicU64,
     attr_updates: AtomicU64,
+    xattr_updates: AtomicU64,
     extra_passes: AtomicU64,
     deferred: AtomicU64,
     files_done: AtomicU64,
@@ -379,6 +392,7 @@ impl Counters {
             &self.entries_deleted,
             &self.dirs_created,
             &self.attr_updates,
+            &self.xattr_updates,
             &self.extra_passes,
             &self.deferred,
             &self.files_done,
@@ -406,6 +420,7 @@ impl Counters {
             entries_deleted: v(&self.entries_deleted),
             dirs_created: v(&self.dirs_created),
             attr_updates: v(&self.attr_updates),
+            xattr_updates: v(&self.xattr_updates),
             extra_passes: v(&self.extra_passes),
             deferred: v(&self.deferred),
         }
@@ -1900,6 +1915,7 @@ impl<'a> Run<'a> {
                                 {
                                     self.set_attrs(dir, &child, &now, true)?;
                                 }
+                                self.sync_xattrs(dir, &child)?;
                                 self.mark_finished(dir, &child);
                             }
                             self.finished(dir, &child, size)?;
@@ -2282,8 +2298,72 @@ impl<'a> Run<'a> {
         if created || settled.sent_any {
             bump(&counters.files_sent, 1);
         }
+        self.sync_xattrs(dir, current)?;
         self.note_parent(dir, current);
         self.mark_finished(dir, current);
+        Ok(())
+    }
+
+    /// With [`ResyncConfig::xattrs`], makes the replica's extended attributes
+    /// of `path` the primary's (call with its data guard held, so that no
+    /// live change of them comes between the question and the changes).
+    /// Asked even of an entry this resync created: it may have inherited a
+    /// default ACL there.
+    fn sync_xattrs(&self, dir: u16, path: &RelPath) -> Result<(), ResyncError> {
+        if !self.engine.config.xattrs {
+            return Ok(());
+        }
+        let local = tree::xattrs(self.engine.root(dir)?, path).map_err(io_error(format!(
+            "list the extended attributes of {}",
+            show(path)
+        )))?;
+        let Some(local) = local else {
+            return Ok(());
+        };
+        let remote = match self.ask(RequestBody::Xattrs {
+            dir,
+            path: path.clone(),
+        })? {
+            ReplyBody::Xattrs(remote) => remote,
+            // Gone on the replica: the stream's operations decide.
+            ReplyBody::Failed {
+                errno: libc::ENOENT,
+            } => return Ok(()),
+            ReplyBody::Failed { errno } => {
+                return Err(ResyncError::Remote {
+                    path: show(path),
+                    errno,
+                });
+            }
+            _ => return Err(ResyncError::Protocol),
+        };
+        for xattr in &local {
+            if remote
+                .iter()
+                .find(|r| r.name == xattr.name)
+                .is_none_or(|r| r.value != xattr.value)
+            {
+                self.submit(Op::SetXattr {
+                    dir,
+                    path: path.clone(),
+                    name: xattr.name.clone(),
+                    value: xattr.value.clone(),
+                    flags: 0,
+                })?;
+                bump(&self.counters().xattr_updates, 1);
+            }
+        }
+        for extra in remote
+            .iter()
+            .filter(|r| !local.iter().any(|l| l.name == r.name))
+        {
+            self.submit(Op::RemoveXattr {
+                dir,
+                path: path.clone(),
+                name: extra.name.clone(),
+            })?;
+            bump(&self.counters().xattr_updates, 1);
+        }
         Ok(())
     }
 
@@ -2477,6 +2557,18 @@ impl<'a> Run<'a> {
             )
             .into_iter()
             .collect();
+            // Their extended attributes, each under its own data guard.
+            if self.engine.config.xattrs {
+                for (dir, path) in &dirs {
+                    let _guard = self.engine.locks.data(*dir, path);
+                    if self
+                        .local_lstat(*dir, path)?
+                        .is_some_and(|(_, local)| local.kind == EntryKind::Dir)
+                    {
+                        self.sync_xattrs(*dir, path)?;
+                    }
+                }
+            }
             {
                 let _namespace = self.engine.locks.shared_namespace();
                 for (dir, path) in dirs {

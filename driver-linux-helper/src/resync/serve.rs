@@ -222,6 +222,10 @@ fn body(
             )?;
             Ok(ReplyBody::ListDir { entries, more })
         }
+        RequestBody::Xattrs { dir, path } => match tree::xattrs(root(dirs, *dir)?, path)? {
+            Some(xattrs) => Ok(ReplyBody::Xattrs(xattrs)),
+            None => Err(io::Error::from_raw_os_error(libc::ENOENT)),
+        },
         RequestBody::Barrier { durable } => {
             if *durable {
                 sync_durably(dirs)?;

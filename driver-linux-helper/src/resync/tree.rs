@@ -11,11 +11,12 @@
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags, Stat};
 use rustix::io::Errno;
 use safekit_protocol::replication::{RelPath, Timestamp};
-use safekit_protocol::resync::{BlockHash, DirEntry, EntryKind, EntryMeta};
+use safekit_protocol::resync::{BlockHash, DirEntry, EntryKind, EntryMeta, Xattr};
 use sha2::Digest;
 
 fn errno(error: Errno) -> io::Error {
@@ -230,6 +231,84 @@ pub(crate) fn read_at(fd: &impl AsFd, buf: &mut [u8], offset: u64) -> io::Result
         }
     }
     Ok(done)
+}
+
+/// The extended attributes of `path` beneath `root` (not following a
+/// symlink), sorted by name; `None` when nothing is there. A file system
+/// without extended attributes has none.
+///
+/// # Errors
+/// Failures other than absence.
+pub(crate) fn xattrs(root: BorrowedFd<'_>, path: &RelPath) -> io::Result<Option<Vec<Xattr>>> {
+    // A path naming exactly the entry through a held descriptor: the parent's
+    // magic link and the final name (`l*` calls do not follow it), or the
+    // root's own magic link.
+    let (target, _parent) = match path.split_last() {
+        None => (
+            format!("/proc/self/fd/{}", root.as_raw_fd()).into_bytes(),
+            None,
+        ),
+        Some((parent_path, name)) => {
+            let parent = match open_dir(root, &parent_path, OFlags::PATH) {
+                Ok(parent) => parent,
+                Err(error) if is_absent(&error) => return Ok(None),
+                Err(error) => return Err(error),
+            };
+            let mut target = format!("/proc/self/fd/{}/", parent.as_raw_fd()).into_bytes();
+            target.extend_from_slice(name);
+            (target, Some(parent))
+        }
+    };
+    let target = std::ffi::OsStr::from_bytes(&target);
+    let names = loop {
+        let size = match rustix::fs::llistxattr_query(target) {
+            Ok(size) => size,
+            Err(Errno::NOENT) => return Ok(None),
+            Err(Errno::NOTSUP) => return Ok(Some(Vec::new())),
+            Err(error) => return Err(errno(error)),
+        };
+        let mut names = vec![0u8; size];
+        match rustix::fs::llistxattr(target, &mut names[..]) {
+            Ok(n) => {
+                names.truncate(n);
+                break names;
+            }
+            // Grew meanwhile: ask again.
+            Err(Errno::RANGE) => continue,
+            Err(Errno::NOENT) => return Ok(None),
+            Err(error) => return Err(errno(error)),
+        }
+    };
+    let mut found = Vec::new();
+    for name in names.split(|b| *b == 0).filter(|name| !name.is_empty()) {
+        let name_os = std::ffi::OsStr::from_bytes(name);
+        let value = loop {
+            let size = match rustix::fs::lgetxattr_query(target, name_os) {
+                Ok(size) => size,
+                // Removed meanwhile.
+                Err(Errno::NODATA) => break None,
+                Err(error) => return Err(errno(error)),
+            };
+            let mut value = vec![0u8; size];
+            match rustix::fs::lgetxattr(target, name_os, &mut value[..]) {
+                Ok(n) => {
+                    value.truncate(n);
+                    break Some(value);
+                }
+                Err(Errno::RANGE) => continue,
+                Err(Errno::NODATA) => break None,
+                Err(error) => return Err(errno(error)),
+            }
+        };
+        if let Some(value) = value {
+            found.push(Xattr {
+                name: name.to_vec(),
+                value,
+            });
+        }
+    }
+    found.sort();
+    Ok(Some(found))
 }
 
 /// Whether `[offset, offset + len)` of `fd` holds no data (a hole, or
