@@ -39,11 +39,8 @@
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
-use std::sync::OnceLock;
 
-use safekit_protocol::frame::{
-    EncodeError, EncodedBody, Frame, FrameDecoder, FrameError, HEADER_LEN, Kind, MAGIC, Message,
-};
+use safekit_protocol::frame::{EncodeError, EncodedBody, Frame, FrameDecoder, FrameError, Message};
 
 mod receiver;
 mod sender;
@@ -79,54 +76,9 @@ pub enum TransportError {
 /// Writes one message as a frame.
 fn send(stream: &mut impl Write, seq: u64, message: &Message) -> Result<(), TransportError> {
     let body = EncodedBody::new(message)?;
-    stream.write_all(&frame_header(message.kind(), seq, &body))?;
+    stream.write_all(&body.header(seq))?;
     stream.write_all(body.payload())?;
     Ok(())
-}
-
-/// Payloads up to this size get their frame checksum computed directly by
-/// [`frame_header`].
-const DIRECT_CRC_MAX: usize = 256 * 1024;
-
-/// The header [`EncodedBody::header`] builds for `body` (of a message of
-/// `kind`) with sequence number `seq`, the same bytes, but for payloads up to
-/// [`DIRECT_CRC_MAX`] with the checksum computed over the header and the
-/// payload directly. `EncodedBody::header` combines the payload's checksum
-/// with `crc32c_combine`, a bit-matrix computation of tens of microseconds
-/// whatever the length, which made the frame checksums the largest CPU cost
-/// of a resync of many small files; the hardware CRC of a few KiB takes well
-/// under a microsecond. Larger payloads keep the combine (cheaper than
-/// re-reading them). The equality is a unit test.
-fn frame_header(kind: Kind, seq: u64, body: &EncodedBody) -> [u8; HEADER_LEN] {
-    let payload = body.payload();
-    let Ok(len) = u32::try_from(payload.len()) else {
-        return body.header(seq);
-    };
-    if payload.len() > DIRECT_CRC_MAX {
-        return body.header(seq);
-    }
-    // Magic, version, kind, flags (zero), sequence number, length, then the
-    // checksum of all that (checksum field zeroed) and the payload.
-    let mut header = [0u8; HEADER_LEN];
-    header[0..4].copy_from_slice(&MAGIC);
-    header[4] = protocol_version();
-    header[5] = kind as u8;
-    header[8..16].copy_from_slice(&seq.to_le_bytes());
-    header[16..20].copy_from_slice(&len.to_le_bytes());
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&header), payload);
-    header[20..24].copy_from_slice(&crc.to_le_bytes());
-    header
-}
-
-/// The protocol version byte of frame headers, read once from the header of
-/// an empty body (whose combine step is free).
-fn protocol_version() -> u8 {
-    static VERSION: OnceLock<u8> = OnceLock::new();
-    *VERSION.get_or_init(|| {
-        EncodedBody::new(&Message::Ping)
-            .map(|body| body.header(0)[4])
-            .expect("an empty body always encodes")
-    })
 }
 
 /// The most a handshake message may take: an unauthenticated peer must not make us
@@ -177,51 +129,4 @@ fn random_nonce() -> io::Result<safekit_protocol::auth::Nonce> {
     let mut nonce = [0u8; safekit_protocol::auth::NONCE_LEN];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut nonce)?;
     Ok(nonce)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use safekit_protocol::replication::{Op, RelPath};
-    use safekit_protocol::resync::{RequestBody, ResyncRequest};
-
-    #[test]
-    fn direct_checksum_headers_equal_the_protocols_and_decode() {
-        let path = RelPath::parse(b"a/b").expect("valid");
-        let mut messages = vec![
-            Message::Ping,
-            Message::ResyncRequest(ResyncRequest {
-                id: 7,
-                body: RequestBody::Barrier { durable: true },
-            }),
-        ];
-        for len in [
-            0usize,
-            1,
-            100,
-            4096,
-            65_536,
-            DIRECT_CRC_MAX,
-            DIRECT_CRC_MAX + 1,
-        ] {
-            messages.push(Message::Op(Op::Write {
-                dir: 1,
-                path: path.clone(),
-                offset: 3,
-                data: vec![0xa5; len],
-            }));
-        }
-        for message in &messages {
-            let body = EncodedBody::new(message).expect("encode");
-            for seq in [0u64, 1, 0xdead_beef_0042] {
-                let ours = frame_header(message.kind(), seq, &body);
-                assert_eq!(ours, body.header(seq), "{:?} seq {seq}", message.kind());
-                let mut decoder = FrameDecoder::new();
-                decoder.push(&ours);
-                decoder.push(body.payload());
-                let frame = decoder.next_frame().expect("valid").expect("complete");
-                assert_eq!(frame.seq, seq);
-            }
-        }
-    }
 }

@@ -51,7 +51,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use safekit_protocol::auth::{self, Hello, PROTOCOL_VERSION, Proof};
-use safekit_protocol::frame::{EncodedBody, FrameDecoder, HEADER_LEN, Kind, Message};
+use safekit_protocol::frame::{EncodedBody, FrameDecoder, HEADER_LEN, Message};
 use safekit_protocol::replication::{Op, RelPath};
 use safekit_protocol::resync::{ReplyBody, RequestBody, ResyncRequest};
 
@@ -175,12 +175,11 @@ struct Pending {
     has_waiter: bool,
 }
 
-/// A frame waiting for the writer thread. Its header (a checksum over the
-/// payload) is built by the writer thread ([`super::frame_header`]), outside
-/// the state lock that every replicating thread takes.
+/// A frame waiting for the writer thread. Its header (the payload's checksum,
+/// computed when it was encoded, combined with the header's) is built by the
+/// writer thread, outside the state lock that every replicating thread takes.
 #[derive(Debug)]
 struct OutFrame {
-    kind: Kind,
     seq: u64,
     body: EncodedBody,
 }
@@ -391,7 +390,6 @@ impl Sender {
         let encoded =
             EncodedBody::new(&message).map_err(|error| RequestFailed::Encode(error.to_string()))?;
         state.outq.push_back(OutFrame {
-            kind: Kind::ResyncRequest,
             seq: 0,
             body: encoded,
         });
@@ -644,11 +642,7 @@ impl Replicator for Sender {
             let seq = state.next_seq;
             state.next_seq += 1;
             let frame_bytes = HEADER_LEN + body.payload_len();
-            state.outq.push_back(OutFrame {
-                kind: Kind::Op,
-                seq,
-                body,
-            });
+            state.outq.push_back(OutFrame { seq, body });
             state.pending.push_back(Pending {
                 seq,
                 touched: touched.clone(),
@@ -1027,7 +1021,7 @@ fn writer_loop(shared: &Shared, stream: TcpStream, generation: u64) {
         let written = batch
             .iter()
             .try_for_each(|frame| {
-                writer.write_all(&super::frame_header(frame.kind, frame.seq, &frame.body))?;
+                writer.write_all(&frame.body.header(frame.seq))?;
                 writer.write_all(frame.body.payload())
             })
             .and_then(|()| writer.flush());
@@ -1143,11 +1137,7 @@ fn reader_loop(shared: &Shared, mut stream: TcpStream, mut decoder: FrameDecoder
                 if state.generation != generation {
                     return;
                 }
-                state.outq.push_back(OutFrame {
-                    kind: Kind::Pong,
-                    seq: 0,
-                    body,
-                });
+                state.outq.push_back(OutFrame { seq: 0, body });
                 shared.outq_ready.notify_one();
             }
             Message::ResyncReply(reply) => {
