@@ -2414,9 +2414,9 @@ impl<'a> Run<'a> {
             },
             1,
         );
-        let mut data = vec![0u8; usize::try_from(now.size).unwrap_or(0)];
-        let n = tree::read_at(&fd, &mut data, 0).map_err(io_error("read a block"))?;
-        data.truncate(n);
+        let data = tree::read_vec_at(&fd, usize::try_from(now.size).unwrap_or(0), 0)
+            .map_err(io_error("read a block"))?;
+        let n = data.len();
         let size = n as u64;
         let mut sent_any = false;
         if size > 0 {
@@ -2511,14 +2511,13 @@ impl<'a> Run<'a> {
             let Some((_guard, current)) = relock()? else {
                 return Ok(false);
             };
-            let mut data = vec![0u8; len];
-            let n = tree::read_at(fd, &mut data, first * block_size)
+            let data = tree::read_vec_at(fd, len, first * block_size)
                 .map_err(io_error(format!("read {}", show(&current))))?;
+            let n = data.len();
             if n == 0 {
                 // The file shrank meanwhile; the final truncate settles the size.
                 break;
             }
-            data.truncate(n);
             self.submit(Op::Write {
                 dir,
                 path: current,

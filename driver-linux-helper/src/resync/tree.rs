@@ -323,7 +323,66 @@ pub(crate) fn is_hole(fd: &impl AsFd, offset: u64, len: u64) -> bool {
     }
 }
 
+/// Up to `len` bytes at `offset`, short only at end of file, read into a new
+/// buffer's spare capacity (no zeroing first: this is the resync's data path).
+///
+/// # Errors
+/// The read failed.
+pub(crate) fn read_vec_at(fd: &impl AsFd, len: usize, offset: u64) -> io::Result<Vec<u8>> {
+    let mut data: Vec<u8> = Vec::with_capacity(len);
+    while data.len() < len {
+        let filled = data.len();
+        let spare = &mut data.spare_capacity_mut()[..len - filled];
+        match rustix::io::pread(fd, spare, offset + filled as u64) {
+            Ok(([], _)) => break,
+            Ok((read, _)) => {
+                let n = read.len();
+                // SAFETY: `pread` initialized the first `n` bytes of the spare
+                // capacity (the `read` slice it returned), right after the
+                // `filled` bytes already initialized, and `filled + n <= len`
+                // is within the capacity reserved above.
+                unsafe { data.set_len(filled + n) };
+            }
+            Err(Errno::INTR) => {}
+            Err(error) => return Err(errno(error)),
+        }
+    }
+    Ok(data)
+}
+
 /// The strong hash of a block.
 pub(crate) fn hash(block: &[u8]) -> BlockHash {
     sha2::Sha256::digest(block).into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_vec_at_reads_what_is_there_up_to_the_length_asked() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = tmp.path().join("f");
+        std::fs::write(&path, b"0123456789").expect("write");
+        let file = std::fs::File::open(&path).expect("open");
+        assert_eq!(read_vec_at(&file, 3, 4).expect("read"), b"456");
+        assert_eq!(read_vec_at(&file, 100, 0).expect("read"), b"0123456789");
+        assert_eq!(read_vec_at(&file, 100, 8).expect("read"), b"89");
+        assert!(read_vec_at(&file, 5, 10).expect("read").is_empty());
+        assert!(read_vec_at(&file, 0, 0).expect("read").is_empty());
+    }
+
+    #[test]
+    fn holes_are_told_apart_from_data() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = tmp.path().join("sparse");
+        let file = std::fs::File::create(&path).expect("create");
+        file.set_len(8 << 20).expect("size");
+        std::os::unix::fs::FileExt::write_all_at(&file, &[1u8; 4096], 4 << 20).expect("data");
+        assert!(is_hole(&file, 0, 1 << 20), "the start is a hole");
+        assert!(!is_hole(&file, 4 << 20, 4096), "the data is not");
+        assert!(!is_hole(&file, 3 << 20, 2 << 20), "a range holding data is not");
+        assert!(is_hole(&file, 6 << 20, 1 << 20), "after the data");
+        assert!(is_hole(&file, 9 << 20, 1 << 20), "beyond the end");
+    }
 }
