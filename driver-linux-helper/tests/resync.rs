@@ -871,6 +871,54 @@ fn with_xattrs_a_resync_copies_extended_attributes_and_the_changes_made_while_al
     );
 }
 
+#[test]
+fn a_file_with_its_own_ranges_keeps_them_under_a_directory_recorded_whole() {
+    let pair = Pair::new(Role::Replicating);
+    let mut rng = Rng(47);
+    fs::create_dir(pair.local("db")).expect("mkdir");
+    write_file(&pair.local("db/table"), &rng.bytes(8 << 20), 0o644, 0);
+    for index in 0..20 {
+        write_file(
+            &pair.local(&format!("db/other{index}")),
+            &rng.bytes(5000),
+            0o644,
+            0,
+        );
+    }
+    pair.resync(ResyncKind::Full);
+    assert_same_trees(&pair, true);
+
+    // While alone, as a database's recovery does: one page written in the
+    // middle of a big file, then the directory fsynced (recorded whole).
+    pair.sender.set_role(Role::Alone);
+    let page = rng.bytes(8192);
+    fs::OpenOptions::new()
+        .write(true)
+        .open(pair.local("db/table"))
+        .expect("open")
+        .write_all_at(&page, 3 << 20)
+        .expect("write");
+    pair.alone(Op::Write {
+        dir: 0,
+        path: p("db/table"),
+        offset: 3 << 20,
+        data: page,
+    });
+    pair.alone(Op::Fsync {
+        dir: 0,
+        path: p("db"),
+        datasync: false,
+    });
+    pair.replicate_again();
+    let stats = pair.resync(ResyncKind::Incremental { extra: Vec::new() });
+    assert_same_trees(&pair, true);
+    assert!(
+        stats.blocks_compared <= RANGE_GRANULE / BLOCK + 20,
+        "the big file compared over its recorded extent, not whole, under the walked directory: {stats:?}"
+    );
+    assert_eq!(stats.blocks_sent, 1, "{stats:?}");
+}
+
 /// Size of the race test's big file in MiB (default 1024: issue 5's 1 GiB
 /// race, about 20 s in a debug build with SHA-256 optimized, see the workspace
 /// `Cargo.toml`); set it lower for a quick local run.

@@ -714,6 +714,10 @@ struct Run<'a> {
     /// Files modified after this `(secs, nanos)` are compared by blocks even when
     /// size and mtime match (see [`QUICK_CHECK_MARGIN`]).
     quick_check_before: (i64, u32),
+    /// Files an incremental run compares on their own records: a walk of a
+    /// recorded directory above them leaves them to that (their recorded
+    /// ranges, not the whole file).
+    recorded_files: Mutex<HashSet<(u16, RelPath)>>,
 }
 
 /// A full resync trusts "same size and mtime" only for files last modified
@@ -1052,6 +1056,7 @@ impl<'a> Run<'a> {
             failure: Mutex::new(None),
             touched_dirs: Mutex::new(HashSet::new()),
             quick_check_before,
+            recorded_files: Mutex::new(HashSet::new()),
         }
     }
 
@@ -1603,6 +1608,13 @@ impl<'a> Run<'a> {
                 },
             }
         }
+        *self
+            .recorded_files
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = files
+            .iter()
+            .map(|(dir, path, _, _)| (*dir, path.clone()))
+            .collect();
         let counters = self.counters();
         bump(
             &counters.files_total,
@@ -1895,6 +1907,12 @@ impl<'a> Run<'a> {
                 }
                 let remote = remote.map(|entry| entry.meta);
                 match local.meta.kind {
+                    EntryKind::File
+                        if self
+                            .recorded_files
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .contains(&(dir, child.clone())) => {}
                     EntryKind::File => {
                         let size = local.meta.size;
                         let recent = (local.meta.mtime.secs, local.meta.mtime.nanos)

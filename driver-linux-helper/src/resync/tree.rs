@@ -381,7 +381,10 @@ mod tests {
         std::os::unix::fs::FileExt::write_all_at(&file, &[1u8; 4096], 4 << 20).expect("data");
         assert!(is_hole(&file, 0, 1 << 20), "the start is a hole");
         assert!(!is_hole(&file, 4 << 20, 4096), "the data is not");
-        assert!(!is_hole(&file, 3 << 20, 2 << 20), "a range holding data is not");
+        assert!(
+            !is_hole(&file, 3 << 20, 2 << 20),
+            "a range holding data is not"
+        );
         assert!(is_hole(&file, 6 << 20, 1 << 20), "after the data");
         assert!(is_hole(&file, 9 << 20, 1 << 20), "beyond the end");
     }
