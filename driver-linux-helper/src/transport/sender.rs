@@ -404,11 +404,17 @@ impl Sender {
     /// Waits until the sender is connected to the peer, at most `timeout`;
     /// returns whether it is.
     pub fn wait_connected(&self, timeout: Duration) -> bool {
+        self.wait_changed(timeout, |state| state.stats.connected.then_some(true))
+    }
+
+    /// Waits on the state's changes until `decide` has an answer, at most
+    /// `timeout` (then `false`).
+    fn wait_changed(&self, timeout: Duration, decide: impl Fn(&State) -> Option<bool>) -> bool {
         let deadline = Instant::now() + timeout;
         let mut state = self.shared.lock();
         loop {
-            if state.stats.connected {
-                return true;
+            if let Some(answer) = decide(&state) {
+                return answer;
             }
             let now = Instant::now();
             if now >= deadline {
@@ -489,26 +495,14 @@ impl Sender {
     /// returns whether there is room. Lets a background sender (the resync)
     /// leave the rest of the window to live operations.
     pub fn wait_for_room(&self, bytes: usize, limit: usize, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut state = self.shared.lock();
-        loop {
+        self.wait_changed(timeout, |state| {
             if state.role != Role::Replicating {
-                return false;
+                Some(false)
+            } else {
+                (state.pending.is_empty() || state.in_flight_bytes + bytes <= limit)
+                    .then_some(true)
             }
-            if state.pending.is_empty() || state.in_flight_bytes + bytes <= limit {
-                return true;
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return false;
-            }
-            state = self
-                .shared
-                .changed
-                .wait_timeout(state, deadline - now)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-        }
+        })
     }
 
     /// Where the stream is: `(issued, settled)`. Every operation with a
