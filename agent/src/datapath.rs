@@ -1259,7 +1259,8 @@ pub mod linux {
         stop: &AtomicBool,
     ) -> Result<ResyncOutcome, String> {
         let deadline = Instant::now() + CONNECT_PATIENCE;
-        while !sender.stats().connected {
+        // Woken as soon as it connects; `stop` is looked at every 50 ms.
+        while !sender.wait_connected(Duration::from_millis(50)) {
             if stop.load(Ordering::SeqCst) {
                 return Err("stopped".into());
             }
@@ -1269,7 +1270,6 @@ pub mod linux {
                     CONNECT_PATIENCE.as_secs()
                 ));
             }
-            std::thread::sleep(Duration::from_millis(50));
         }
         engine.run(kind).map_err(|error| error.to_string())
     }
