@@ -104,6 +104,21 @@ pub enum Change {
     Range(ByteRange),
     /// Only the entry's attributes (mode, owner, times, xattrs).
     Attrs,
+    /// Renamed away while the peer was absent: as [`Change::Whole`] for
+    /// what to compare, and the first half of a rename's history (the next
+    /// record, a [`Change::RenameTarget`], names where it went), which the
+    /// resync replays on the replica before comparing, so that a renamed
+    /// directory or big file is not copied again.
+    RenameSource,
+    /// Where the [`Change::RenameSource`] just before went; as [`Change::Whole`].
+    RenameTarget,
+}
+
+impl Change {
+    /// A half of a rename's history (always appended, never covered).
+    pub fn is_rename(self) -> bool {
+        matches!(self, Change::RenameSource | Change::RenameTarget)
+    }
 }
 
 /// One record of the dirty log.
@@ -135,7 +150,7 @@ impl From<&DirtyRecord> for TouchedFile {
             path: record.path.clone(),
             range: match record.change {
                 Change::Range(range) => Some(range),
-                Change::Whole | Change::Attrs => None,
+                Change::Whole | Change::Attrs | Change::RenameSource | Change::RenameTarget => None,
             },
         }
     }
@@ -630,6 +645,7 @@ fn to_write(previous: Option<&Recorded>, wanted: &DirtyRecord) -> Option<DirtyRe
         ..wanted.clone()
     };
     match (previous, wanted.change) {
+        (_, Change::RenameSource | Change::RenameTarget) => Some(wanted.clone()),
         (Some(Recorded::Whole), _) => None,
         (_, Change::Whole) => Some(wanted.clone()),
         (Some(_), Change::Attrs) => None,
@@ -669,7 +685,8 @@ fn to_write(previous: Option<&Recorded>, wanted: &DirtyRecord) -> Option<DirtyRe
 /// The index state after `record` was written.
 fn next_state(previous: Option<&Recorded>, record: &DirtyRecord) -> Recorded {
     match (previous, record.change) {
-        (Some(Recorded::Whole), _) | (_, Change::Whole) => Recorded::Whole,
+        (Some(Recorded::Whole), _)
+        | (_, Change::Whole | Change::RenameSource | Change::RenameTarget) => Recorded::Whole,
         (Some(state), Change::Attrs) => state.clone(),
         (None, Change::Attrs) => Recorded::Attrs,
         (previous, Change::Range(range)) => {
@@ -1075,6 +1092,23 @@ mod tests {
         log.mark_settled(0, &name);
         log.forget_settled();
         assert!(log.contains(0, &name));
+    }
+
+    #[test]
+    fn a_rename_s_history_is_always_appended_in_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("dirty");
+        let log = DirtyLog::open(&path).expect("open");
+        log.record(&[whole("a"), whole("b")]).expect("record");
+        let rename = [record("a", Change::RenameSource), record("b", Change::RenameTarget)];
+        // Covered by the whole records, but history: written anyway, twice.
+        assert_eq!(log.record_changes(&rename).expect("record"), 2);
+        assert_eq!(log.record_changes(&rename).expect("record"), 2);
+        let records = DirtyLog::load(&path).expect("load").records;
+        assert_eq!(records.len(), 6);
+        assert_eq!(records[2..4], rename);
+        // A later write to the target is covered (the target counts as whole).
+        assert_eq!(log.record(&[whole("b")]).expect("record"), 0);
     }
 
     #[test]

@@ -919,6 +919,77 @@ fn a_file_with_its_own_ranges_keeps_them_under_a_directory_recorded_whole() {
     assert_eq!(stats.blocks_sent, 1, "{stats:?}");
 }
 
+#[test]
+fn a_directory_and_a_big_file_renamed_while_alone_are_not_copied_again() {
+    let pair = Pair::new(Role::Replicating);
+    let mut rng = Rng(53);
+    fs::create_dir(pair.local("logs")).expect("mkdir");
+    write_file(&pair.local("logs/app.log"), &rng.bytes(4 << 20), 0o644, 0);
+    for index in 0..10 {
+        write_file(
+            &pair.local(&format!("logs/small{index}")),
+            &rng.bytes(3000),
+            0o644,
+            0,
+        );
+    }
+    write_file(&pair.local("data.bin"), &rng.bytes(4 << 20), 0o644, 0);
+    pair.resync(ResyncKind::Full);
+    assert_same_trees(&pair, true);
+
+    // While alone: the log directory rotated (renamed, a new one made with a
+    // new file), the big file renamed, and a small file renamed too.
+    pair.sender.set_role(Role::Alone);
+    let rename = |from: &str, to: &str| {
+        fs::rename(pair.local(from), pair.local(to)).expect("rename");
+        pair.alone(Op::Rename {
+            dir: 0,
+            from: p(from),
+            to: p(to),
+            flags: 0,
+        });
+    };
+    rename("logs", "logs.1");
+    fs::create_dir(pair.local("logs")).expect("mkdir");
+    pair.alone(Op::Mkdir {
+        dir: 0,
+        path: p("logs"),
+        mode: 0o755,
+        uid: 0,
+        gid: 0,
+    });
+    let fresh = rng.bytes(1000);
+    fs::write(pair.local("logs/app.log"), &fresh).expect("write");
+    pair.alone(Op::Create {
+        dir: 0,
+        path: p("logs/app.log"),
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        exclusive: true,
+    });
+    pair.alone(Op::Write {
+        dir: 0,
+        path: p("logs/app.log"),
+        offset: 0,
+        data: fresh,
+    });
+    rename("data.bin", "data.bin.1");
+    rename("logs.1/small3", "logs.1/small3.old");
+
+    pair.replicate_again();
+    let stats = pair.resync(ResyncKind::Incremental { extra: Vec::new() });
+    assert_same_trees(&pair, true);
+    assert_eq!(
+        stats.renames_replayed, 2,
+        "the directory and the big file (the small file's rename is not worth it): {stats:?}"
+    );
+    assert!(
+        stats.bytes_sent < (1 << 20),
+        "neither the 4 MiB log nor the 4 MiB file copied again: {stats:?}"
+    );
+}
+
 /// Size of the race test's big file in MiB (default 1024: issue 5's 1 GiB
 /// race, about 20 s in a debug build with SHA-256 optimized, see the workspace
 /// `Cargo.toml`); set it lower for a quick local run.

@@ -532,7 +532,7 @@ fn run_resync(args: ResyncArgs) -> anyhow::Result<()> {
     println!(
         "resync: kind={} seconds={seconds:.3} files_examined={} files_sent={} blocks_compared={} \
          file_blocks={} files_by_range={} files_whole={} \
-         blocks_sent={} holes_sent={} bytes_sent={} entries_deleted={} dirs_created={} attr_updates={} xattr_updates={} \
+         blocks_sent={} holes_sent={} bytes_sent={} entries_deleted={} renames_replayed={} dirs_created={} attr_updates={} xattr_updates={} \
          extra_passes={} deferred={} stream_bytes={}",
         if args.full { "full" } else { "incremental" },
         stats.files_examined,
@@ -545,6 +545,7 @@ fn run_resync(args: ResyncArgs) -> anyhow::Result<()> {
         stats.holes_sent,
         stats.bytes_sent,
         stats.entries_deleted,
+        stats.renames_replayed,
         stats.dirs_created,
         stats.attr_updates,
         stats.xattr_updates,

@@ -112,11 +112,15 @@
 //! equal by size and mtime, and every directory the run touched, one
 //! `Xattrs` question each, asked and applied under the entry's data guard.
 //!
+//! Renames made while the peer was absent are recorded as history
+//! ([`Change::RenameSource`] then [`Change::RenameTarget`]) and replayed on
+//! the replica first (`Run::replay_renames`) when the target is a
+//! directory or a file of more than one block: a rotated log directory or a
+//! renamed big file is then compared in place, not copied again.
+//!
 //! Known limits: hard links are copied as separate files; a symlink's
-//! extended attributes are not compared; a directory
-//! renamed while not yet compared is re-compared whole, and so is a
-//! directory renamed while alone (its new name is compared as a subtree
-//! against a replica that has it under the old name).
+//! extended attributes are not compared; a directory renamed during the run
+//! while not yet compared is re-compared whole.
 
 pub mod cursor;
 pub mod locks;
@@ -134,7 +138,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use rustix::fs::Stat;
-use safekit_protocol::replication::{Op, RelPath, TimeSet};
+use safekit_protocol::replication::{Op, RelPath, TimeSet, rename_flags};
 use safekit_protocol::resync::{
     BlockHash, ChecksumItem, DirEntry, EntryKind, EntryMeta, FileChecksums, MAX_BLOCKS_PER_REQUEST,
     MAX_FILES_PER_BATCH, ReplyBody, RequestBody,
@@ -243,6 +247,9 @@ pub struct ResyncStats {
     /// Data bytes shipped.
     pub bytes_sent: u64,
     /// Entries removed from the replica.
+    /// Renames made while the peer was absent replayed on the replica
+    /// (so that a renamed directory or big file is compared, not copied).
+    pub renames_replayed: u64,
     pub entries_deleted: u64,
     /// Directories created on the replica.
     pub dirs_created: u64,
@@ -360,6 +367,7 @@ struct Counters {
     holes_sent: AtomicU64,
     bytes_sent: AtomicU64,
     entries_deleted: AtomicU64,
+    renames_replayed: AtomicU64,
     dirs_created: AtomicU64,
     attr_updates: AtomicU64,
     xattr_updates: AtomicU64,
@@ -390,6 +398,7 @@ impl Counters {
             &self.holes_sent,
             &self.bytes_sent,
             &self.entries_deleted,
+            &self.renames_replayed,
             &self.dirs_created,
             &self.attr_updates,
             &self.xattr_updates,
@@ -418,6 +427,7 @@ impl Counters {
             holes_sent: v(&self.holes_sent),
             bytes_sent: v(&self.bytes_sent),
             entries_deleted: v(&self.entries_deleted),
+            renames_replayed: v(&self.renames_replayed),
             dirs_created: v(&self.dirs_created),
             attr_updates: v(&self.attr_updates),
             xattr_updates: v(&self.xattr_updates),
@@ -637,7 +647,7 @@ enum Scope {
 impl Scope {
     fn of(change: Change) -> Scope {
         match change {
-            Change::Whole => Scope::Whole,
+            Change::Whole | Change::RenameSource | Change::RenameTarget => Scope::Whole,
             Change::Range(range) => {
                 Scope::Ranges(vec![(range.offset, range.offset.saturating_add(range.len))])
             }
@@ -680,6 +690,24 @@ fn scopes(records: Vec<DirtyRecord>) -> Vec<(u16, RelPath, Scope)> {
         .filter_map(|key| {
             let scope = by_name.remove(&key)?;
             Some((key.0, key.1, scope))
+        })
+        .collect()
+}
+
+/// Renames replayed by one run at most (each costs questions with the
+/// namespace held): past that, the comparison copies.
+const MAX_REPLAYED_RENAMES: usize = 10_000;
+
+/// The renames `records` hold, in order: `(dir, from, to)` of each
+/// [`Change::RenameSource`] record followed by its [`Change::RenameTarget`].
+fn rename_history(records: &[DirtyRecord]) -> Vec<(u16, RelPath, RelPath)> {
+    records
+        .windows(2)
+        .filter_map(|pair| match (pair[0].change, pair[1].change) {
+            (Change::RenameSource, Change::RenameTarget) if pair[0].dir == pair[1].dir => {
+                Some((pair[0].dir, pair[0].path.clone(), pair[1].path.clone()))
+            }
+            _ => None,
         })
         .collect()
 }
@@ -1592,6 +1620,7 @@ impl<'a> Run<'a> {
     /// one recorded for its attributes only by its own metadata, a file over
     /// its recorded ranges (or whole).
     fn incremental(&self, records: Vec<DirtyRecord>) -> Result<(), ResyncError> {
+        self.replay_renames(&rename_history(&records))?;
         let mut missing = Vec::new();
         let mut dirs = Vec::new();
         let mut attr_dirs = Vec::new();
@@ -1737,6 +1766,55 @@ impl<'a> Run<'a> {
         walked?;
         for (dir, path) in &roots {
             self.mark_finished(*dir, path);
+        }
+        Ok(())
+    }
+
+    /// Replays on the replica, in order, the renames made while the peer was
+    /// absent, where the replica still has the source (of the same type) and
+    /// not the target: a renamed directory or big file is then compared in
+    /// place instead of removed and copied again. Only a head start for the
+    /// comparison: both names are recorded whole and compared afterwards
+    /// whatever happened here (a rename not replayed, or refused by the
+    /// replica, leaves the removal and the copy to it). Each replay is decided
+    /// and queued with the namespace held exclusively, so that no live change
+    /// of these names comes between the questions and the rename.
+    fn replay_renames(&self, renames: &[(u16, RelPath, RelPath)]) -> Result<(), ResyncError> {
+        let block_size = u64::from(self.engine.config.block_size);
+        for (dir, from, to) in renames.iter().take(MAX_REPLAYED_RENAMES) {
+            self.check_stop()?;
+            let _namespace = self.engine.locks.namespace();
+            // Worth two questions only when copying would cost more.
+            let Some((_, local)) = self.local_lstat(*dir, to)? else {
+                continue;
+            };
+            if !(local.kind == EntryKind::Dir
+                || local.kind == EntryKind::File && local.size > block_size)
+            {
+                continue;
+            }
+            if self
+                .remote_stat(*dir, from)?
+                .is_none_or(|source| source.kind != local.kind)
+                || self.remote_stat(*dir, to)?.is_some()
+            {
+                continue;
+            }
+            if let Some((parent, _)) = to.split_last()
+                && !parent.components().is_empty()
+                && self
+                    .remote_stat(*dir, &parent)?
+                    .is_none_or(|meta| meta.kind != EntryKind::Dir)
+            {
+                continue;
+            }
+            self.submit(Op::Rename {
+                dir: *dir,
+                from: from.clone(),
+                to: to.clone(),
+                flags: rename_flags::NOREPLACE,
+            })?;
+            bump(&self.counters().renames_replayed, 1);
         }
         Ok(())
     }

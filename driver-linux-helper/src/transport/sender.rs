@@ -52,7 +52,7 @@ use std::time::{Duration, Instant};
 
 use safekit_protocol::auth::{self, Hello, PROTOCOL_VERSION, Proof};
 use safekit_protocol::frame::{EncodedBody, FrameDecoder, HEADER_LEN, Message};
-use safekit_protocol::replication::{Op, RelPath};
+use safekit_protocol::replication::{Op, RelPath, rename_flags};
 use safekit_protocol::resync::{ReplyBody, RequestBody, ResyncRequest};
 
 use super::{TransportError, kind_name, random_nonce, receive, send};
@@ -499,8 +499,7 @@ impl Sender {
             if state.role != Role::Replicating {
                 Some(false)
             } else {
-                (state.pending.is_empty() || state.in_flight_bytes + bytes <= limit)
-                    .then_some(true)
+                (state.pending.is_empty() || state.in_flight_bytes + bytes <= limit).then_some(true)
             }
         })
     }
@@ -552,12 +551,29 @@ impl Drop for Sender {
 /// that an fsync of a file already recorded adds nothing (with no peer, its
 /// only concern is changes the dirty log already names).
 fn alone_records(dirty_log: &DirtyLog, op: &Op) -> Vec<DirtyRecord> {
-    if let Op::Fsync { dir, path, .. } = op
-        && dirty_log.contains(*dir, path)
-    {
-        return Vec::new();
+    match op {
+        Op::Fsync { dir, path, .. } if dirty_log.contains(*dir, path) => Vec::new(),
+        // The rename's history, which the resync replays on the replica (an
+        // exchange is recorded as two names compared whole).
+        Op::Rename {
+            dir,
+            from,
+            to,
+            flags,
+        } if flags & rename_flags::EXCHANGE == 0 => vec![
+            DirtyRecord {
+                dir: *dir,
+                path: from.clone(),
+                change: Change::RenameSource,
+            },
+            DirtyRecord {
+                dir: *dir,
+                path: to.clone(),
+                change: Change::RenameTarget,
+            },
+        ],
+        _ => records_of(op),
     }
-    records_of(op)
 }
 
 impl Replicator for Sender {
