@@ -1100,7 +1100,10 @@ mod tests {
         let path = dir.path().join("dirty");
         let log = DirtyLog::open(&path).expect("open");
         log.record(&[whole("a"), whole("b")]).expect("record");
-        let rename = [record("a", Change::RenameSource), record("b", Change::RenameTarget)];
+        let rename = [
+            record("a", Change::RenameSource),
+            record("b", Change::RenameTarget),
+        ];
         // Covered by the whole records, but history: written anyway, twice.
         assert_eq!(log.record_changes(&rename).expect("record"), 2);
         assert_eq!(log.record_changes(&rename).expect("record"), 2);
