@@ -37,9 +37,11 @@
 //! `fdatasync`. A file whose record is not yet on disk counts as hot for
 //! nobody: every writer of it waits for the batch.
 //!
-//! Known gap: "acknowledged" means applied in the peer's page cache; if the
-//! secondary loses power, acknowledged writes not yet flushed there are not
-//! covered by this primary-side log once the file went cold.
+//! "Acknowledged" means applied in the peer's page cache; a file that went
+//! cold here while its last writes were not yet on the peer's disk is
+//! covered by the sender instead: it keeps such files until a durable barrier
+//! and records them in the dirty log when the peer is lost (see
+//! [`crate::transport::Sender`]).
 //!
 //! File format: magic `SKACTIV1`, then append-only records (see
 //! `resync::records`) `Hot(dir, path)` / `Cold(dir, path)`; the file is

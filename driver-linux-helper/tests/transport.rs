@@ -717,17 +717,34 @@ fn a_frame_with_an_escaping_path_is_refused() {
     assert_eq!(fs::read_dir(&node.outside).expect("list").count(), 1);
 }
 
+/// A receiver that also answers durable barriers (as the agent's do).
+fn serving_receiver(node: &Node) -> Receiver {
+    let dir = rustix::fs::open(
+        &node.replica,
+        rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .expect("open the replica");
+    Receiver::bind_serving_resync("127.0.0.1:0", SECRET, MODULE, vec![dir]).expect("bind receiver")
+}
+
 #[test]
 fn a_receiver_that_goes_away_mid_stream_leaves_every_touched_file_recorded() {
     let mut node = node();
-    let receiver = receiver(&node, SECRET);
+    let receiver = serving_receiver(&node);
     let timeout = Duration::from_millis(500);
-    let (sender, events) = sender(&node, receiver.local_addr(), SECRET, timeout);
+    let (sender, events) = sender_with(&node, receiver.local_addr(), SECRET, timeout, |config| {
+        config.durable_interval = Duration::from_millis(50);
+    });
     wait_connected(&events);
     assert_eq!(
         both(&mut node, &sender, create_op("before"), WaitFor::Applied),
         ReplicateOutcome::Confirmed
     );
+    // Once a durable barrier covered it, "before" is on the peer's disk.
+    wait_until("the peer made the first file durable", || {
+        sender.stats().undurable_files == 0
+    });
     for writer in 0..4 {
         let op = create_op(&format!("busy{writer}"));
         assert_eq!(
@@ -797,11 +814,54 @@ fn a_receiver_that_goes_away_mid_stream_leaves_every_touched_file_recorded() {
     }
     assert!(
         !recorded.iter().any(|r| r == "before"),
-        "an acknowledged file is not dirty"
+        "an acknowledged file a durable barrier covered is not dirty"
     );
     assert!(
         sender.stats().ops > 100,
         "the writers were interrupted mid-stream"
+    );
+}
+
+#[test]
+fn an_acknowledged_write_not_yet_durable_on_the_peer_is_recorded_when_the_peer_is_lost() {
+    let mut node = node();
+    let receiver = serving_receiver(&node);
+    // No durable barrier before the loss: the peer may have the write only in
+    // its page cache, which a power loss empties.
+    let (sender, events) = sender_with(
+        &node,
+        receiver.local_addr(),
+        SECRET,
+        Duration::from_millis(500),
+        |config| config.durable_interval = Duration::from_secs(3600),
+    );
+    wait_connected(&events);
+    assert_eq!(
+        both(&mut node, &sender, create_op("acked"), WaitFor::Applied),
+        ReplicateOutcome::Confirmed
+    );
+    let write = Op::Write {
+        dir: 0,
+        path: p("acked"),
+        offset: 0,
+        data: b"in the peer's page cache".to_vec(),
+    };
+    assert_eq!(
+        both(&mut node, &sender, write, WaitFor::Applied),
+        ReplicateOutcome::Confirmed
+    );
+    assert_eq!(sender.stats().undurable_files, 1);
+    drop(receiver);
+    wait_until("the peer is lost", || sender.stats().role == Role::Alone);
+    let recorded: Vec<String> = DirtyLog::load(&node.dirty_path)
+        .expect("load dirty log")
+        .files
+        .iter()
+        .map(|f| String::from_utf8_lossy(&f.path.to_bytes()).into_owned())
+        .collect();
+    assert!(
+        recorded.iter().any(|r| r == "acked"),
+        "the acknowledged, not yet durable file is recorded: {recorded:?}"
     );
 }
 

@@ -36,6 +36,17 @@
 //!
 //! See the transport module's durability contract for what each outcome means.
 //!
+//! Acknowledged, not yet durable: the peer acknowledges an operation once it
+//! applied it, maybe only in its page cache, which a power loss of the peer
+//! empties. The files of acknowledged operations are therefore remembered
+//! until a durable barrier (`syncfs` on the peer) answered after them: the
+//! watchdog asks for one every [`SenderConfig::durable_interval`] while such
+//! files exist, and the resync's own durable barriers count too. When the
+//! peer is lost, those files are recorded in the dirty log with the
+//! unacknowledged ones, so the next resync compares them (before, they were
+//! the activity log's known gap: a secondary that lost power could come
+//! back without the last seconds of acknowledged writes, unnoticed).
+//!
 //! Resync requests ([`Sender::send_request`], [`Sender::wait_reply`]) are
 //! queued in the same output queue as operations, so the receiver answers
 //! each one after applying every operation queued before it. A request
@@ -94,6 +105,18 @@ pub enum ReplicationEvent {
     },
 }
 
+/// Default of [`SenderConfig::durable_interval`].
+pub const DURABLE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Files acknowledged but not yet known durable on the peer, at most: past
+/// that, they are recorded in the dirty log at once (a peer that never
+/// answers durable barriers must not grow memory without bound).
+const MAX_UNDURABLE_FILES: usize = 65_536;
+
+/// Records kept per file acknowledged but not yet durable; more become one
+/// whole-file record.
+const MAX_UNDURABLE_RECORDS: usize = 16;
+
 /// How to reach and authenticate the peer, and the bounds to keep.
 #[derive(Debug, Clone)]
 pub struct SenderConfig {
@@ -115,6 +138,10 @@ pub struct SenderConfig {
     pub dirty_log: Arc<DirtyLog>,
     /// The role to start in.
     pub initial_role: Role,
+    /// How often, while files acknowledged but maybe not yet on the peer's
+    /// disk exist, a durable barrier asks the peer to flush them (see
+    /// [`Sender`]'s "Acknowledged, not yet durable").
+    pub durable_interval: Duration,
 }
 
 impl SenderConfig {
@@ -135,6 +162,7 @@ impl SenderConfig {
             max_inflight_bytes: 64 * 1024 * 1024,
             dirty_log,
             initial_role: Role::Replicating,
+            durable_interval: DURABLE_INTERVAL,
         }
     }
 }
@@ -164,6 +192,9 @@ pub struct SenderStats {
     pub recorded_alone: u64,
     /// Dirty-log writes that failed (each one logged at error).
     pub dirty_log_errors: u64,
+    /// Files the peer acknowledged that no durable barrier covers yet: the
+    /// ones recorded in the dirty log if the peer is lost now.
+    pub undurable_files: usize,
 }
 
 #[derive(Debug)]
@@ -205,6 +236,17 @@ struct State {
     /// Outstanding resync requests by id, with their reply once it arrived.
     requests: HashMap<u64, Option<ReplyBody>>,
     next_request_id: u64,
+    /// Files whose operations the peer acknowledged (applied, maybe only in
+    /// its page cache) since the last durable barrier it answered, with the
+    /// last such operation's sequence number and their records.
+    undurable: HashMap<(u16, RelPath), (u64, Vec<DirtyRecord>)>,
+    /// The durable barrier the watchdog asked for them: `(request id,
+    /// generation)`.
+    durable_request: Option<(u64, u64)>,
+    /// Every durable barrier outstanding (the resync's too), by request id:
+    /// the sequence number below which its answer proves operations durable.
+    durable_marks: HashMap<u64, u64>,
+    last_durable_request: Instant,
 }
 
 /// An outstanding resync request (see [`Sender::send_request`]).
@@ -279,6 +321,10 @@ impl Sender {
                 last_ack_at: Instant::now(),
                 requests: HashMap::new(),
                 next_request_id: 1,
+                undurable: HashMap::new(),
+                durable_request: None,
+                durable_marks: HashMap::new(),
+                last_durable_request: Instant::now(),
                 stats: SenderStats {
                     role,
                     connected: false,
@@ -291,6 +337,7 @@ impl Sender {
                     peer_losses: 0,
                     recorded_alone: 0,
                     dirty_log_errors: 0,
+                    undurable_files: 0,
                 },
             }),
             config,
@@ -367,6 +414,7 @@ impl Sender {
         let mut stats = state.stats;
         stats.in_flight_ops = state.pending.len();
         stats.in_flight_bytes = state.in_flight_bytes;
+        stats.undurable_files = state.undurable.len();
         stats
     }
 
@@ -386,6 +434,10 @@ impl Sender {
         }
         let id = state.next_request_id;
         state.next_request_id += 1;
+        if body == (RequestBody::Barrier { durable: true }) {
+            let mark = state.next_seq;
+            state.durable_marks.insert(id, mark);
+        }
         let message = Message::ResyncRequest(ResyncRequest { id, body });
         let encoded =
             EncodedBody::new(&message).map_err(|error| RequestFailed::Encode(error.to_string()))?;
@@ -796,11 +848,20 @@ impl Shared {
         if state.role != Role::Replicating {
             return;
         }
+        // Unacknowledged operations, and acknowledged ones the peer may not
+        // have on disk yet (a peer that lost power lost them).
         let touched: Vec<DirtyRecord> = state
             .pending
             .iter()
             .flat_map(|p| p.touched.iter().cloned())
+            .chain(
+                std::mem::take(&mut state.undurable)
+                    .into_values()
+                    .flat_map(|(_, records)| records),
+            )
             .collect();
+        state.durable_request = None;
+        state.durable_marks.clear();
         if let Err(error) = self.config.dirty_log.record_changes(&touched) {
             state.stats.dirty_log_errors += 1;
             tracing::error!(%error, files = touched.len(), "cannot record unacknowledged files in the dirty log");
@@ -834,11 +895,86 @@ impl Shared {
         }
     }
 
+    /// Asks the peer for a durable barrier when files acknowledged since the
+    /// last one exist and `durable_interval` passed (one outstanding at a
+    /// time; its answer drops them from `undurable`).
+    fn request_durability(&self, state: &mut State, now: Instant) {
+        if state.role != Role::Replicating
+            || state.connection.is_none()
+            || state.undurable.is_empty()
+            || now.duration_since(state.last_durable_request) < self.config.durable_interval
+        {
+            return;
+        }
+        if let Some((_, generation)) = state.durable_request
+            && generation == state.generation
+        {
+            return;
+        }
+        let id = state.next_request_id;
+        let message = Message::ResyncRequest(ResyncRequest {
+            id,
+            body: RequestBody::Barrier { durable: true },
+        });
+        let Ok(body) = EncodedBody::new(&message) else {
+            return;
+        };
+        state.next_request_id += 1;
+        state.outq.push_back(OutFrame { seq: 0, body });
+        state.durable_request = Some((id, state.generation));
+        let mark = state.next_seq;
+        state.durable_marks.insert(id, mark);
+        state.last_durable_request = now;
+        self.outq_ready.notify_one();
+    }
+
+    /// Records the files awaiting a durable barrier in the dirty log now
+    /// (the next resync compares them) and forgets them.
+    fn record_undurable(&self, state: &mut State, why: &str) {
+        let records: Vec<DirtyRecord> = std::mem::take(&mut state.undurable)
+            .into_values()
+            .flat_map(|(_, records)| records)
+            .collect();
+        tracing::warn!(
+            files = records.len(),
+            why,
+            "recording files not yet known durable on the peer in the dirty log"
+        );
+        if let Err(error) = self.config.dirty_log.record_changes(&records) {
+            state.stats.dirty_log_errors += 1;
+            tracing::error!(%error, "cannot record files not yet durable on the peer in the dirty log");
+        }
+    }
+
     /// The connection of `generation` failed.
     fn connection_failed(&self, generation: u64, reason: String) {
         let mut state = self.lock();
         if state.generation == generation {
             self.stop_replicating(&mut state, Role::Alone, Some(reason));
+        }
+    }
+}
+
+/// Remembers the records of an operation the peer acknowledged, until a
+/// durable barrier covers it.
+fn note_undurable(state: &mut State, seq: u64, touched: Vec<DirtyRecord>) {
+    for record in touched {
+        let entry = state
+            .undurable
+            .entry((record.dir, record.path.clone()))
+            .or_insert_with(|| (seq, Vec::new()));
+        entry.0 = seq;
+        let whole = entry.1.first().is_some_and(|r| r.change == Change::Whole);
+        if whole || entry.1.contains(&record) {
+            continue;
+        }
+        if entry.1.len() < MAX_UNDURABLE_RECORDS {
+            entry.1.push(record);
+        } else {
+            entry.1 = vec![DirtyRecord {
+                change: Change::Whole,
+                ..record
+            }];
         }
     }
 }
@@ -855,6 +991,7 @@ fn watchdog_loop(shared: &Arc<Shared>) {
             );
             shared.stop_replicating(&mut state, Role::Alone, Some(reason));
         }
+        shared.request_durability(&mut state, now);
         state = shared
             .control
             .wait_timeout(state, period)
@@ -1075,6 +1212,13 @@ fn reader_loop(shared: &Shared, mut stream: TcpStream, mut decoder: FrameDecoder
                         let done = state.pending.pop_front().expect("front exists");
                         state.in_flight_bytes -= done.bytes;
                         state.stats.last_ack_latency = Some(now.duration_since(done.queued_at));
+                        note_undurable(&mut state, done.seq, done.touched);
+                    }
+                    if state.undurable.len() > MAX_UNDURABLE_FILES {
+                        shared.record_undurable(
+                            &mut state,
+                            "too many files awaiting a durable barrier",
+                        );
                     }
                     shared.changed.notify_all();
                 }
@@ -1154,6 +1298,17 @@ fn reader_loop(shared: &Shared, mut stream: TcpStream, mut decoder: FrameDecoder
                 let mut state = shared.lock();
                 if state.generation != generation {
                     return;
+                }
+                if let Some(covered) = state.durable_marks.remove(&reply.id)
+                    && reply.body == ReplyBody::Barrier
+                {
+                    state
+                        .undurable
+                        .retain(|_, (last_seq, _)| *last_seq >= covered);
+                }
+                if state.durable_request.is_some_and(|(id, _)| id == reply.id) {
+                    state.durable_request = None;
+                    continue;
                 }
                 match state.requests.get_mut(&reply.id) {
                     Some(slot @ None) => {
