@@ -888,8 +888,8 @@ fn a_file_with_its_own_ranges_keeps_them_under_a_directory_recorded_whole() {
     pair.resync(ResyncKind::Full);
     assert_same_trees(&pair, true);
 
-    // While alone, as a database's recovery does: one page written in the
-    // middle of a big file, then the directory fsynced (recorded whole).
+    // While alone: one page written in the middle of a big file, and its
+    // directory recorded whole.
     pair.sender.set_role(Role::Alone);
     let page = rng.bytes(8192);
     fs::OpenOptions::new()
@@ -904,11 +904,16 @@ fn a_file_with_its_own_ranges_keeps_them_under_a_directory_recorded_whole() {
         offset: 3 << 20,
         data: page,
     });
-    pair.alone(Op::Fsync {
-        dir: 0,
-        path: p("db"),
-        datasync: false,
-    });
+    // The directory recorded whole (as after a crash of the primary, when
+    // the activity log names it).
+    pair.sender
+        .dirty_log()
+        .record_changes(&[safekit_linux_helper::dirty::DirtyRecord {
+            dir: 0,
+            path: p("db"),
+            change: safekit_linux_helper::dirty::Change::Whole,
+        }])
+        .expect("record the directory");
     pair.replicate_again();
     let stats = pair.resync(ResyncKind::Incremental { extra: Vec::new() });
     assert_same_trees(&pair, true);

@@ -865,6 +865,45 @@ fn an_acknowledged_write_not_yet_durable_on_the_peer_is_recorded_when_the_peer_i
     );
 }
 
+#[test]
+fn an_fsync_while_alone_records_nothing() {
+    let mut node = node();
+    let receiver = serving_receiver(&node);
+    let (sender, events) = sender_with(
+        &node,
+        receiver.local_addr(),
+        SECRET,
+        Duration::from_millis(500),
+        |config| config.durable_interval = Duration::from_millis(20),
+    );
+    wait_connected(&events);
+    assert_eq!(
+        both(&mut node, &sender, create_op("db"), WaitFor::Applied),
+        ReplicateOutcome::Confirmed
+    );
+    wait_until("the file is durable on the peer", || {
+        sender.stats().undurable_files == 0
+    });
+    sender.set_role(Role::Alone);
+    // A database's recovery fsyncs every file: none of it changed anything.
+    let fsync = Op::Fsync {
+        dir: 0,
+        path: p("db"),
+        datasync: false,
+    };
+    assert_eq!(
+        sender.replicate(fsync, WaitFor::Durable),
+        ReplicateOutcome::Alone
+    );
+    assert!(
+        DirtyLog::load(&node.dirty_path)
+            .expect("load dirty log")
+            .records
+            .is_empty(),
+        "nothing to compare"
+    );
+}
+
 /// A "peer" that authenticates, then never reads nor acknowledges (a kill -STOP, a cut link).
 /// Join the thread to get the socket, still open.
 fn silent_peer() -> (SocketAddr, std::thread::JoinHandle<TcpStream>) {

@@ -602,9 +602,12 @@ impl Drop for Sender {
 /// The records of an operation made while alone: as [`records_of`], except
 /// that an fsync of a file already recorded adds nothing (with no peer, its
 /// only concern is changes the dirty log already names).
-fn alone_records(dirty_log: &DirtyLog, op: &Op) -> Vec<DirtyRecord> {
+fn alone_records(op: &Op) -> Vec<DirtyRecord> {
     match op {
-        Op::Fsync { dir, path, .. } if dirty_log.contains(*dir, path) => Vec::new(),
+        // Nothing new to compare: the writes it makes durable were recorded
+        // (while alone) or are durable on the peer, or were recorded when the
+        // peer was lost (acknowledged, not yet durable: see the module doc).
+        Op::Fsync { .. } => Vec::new(),
         // The rename's history, which the resync replays on the replica (an
         // exchange is recorded as two names compared whole).
         Op::Rename {
@@ -637,7 +640,7 @@ impl Replicator for Sender {
         match role {
             Role::Off => return ReplicateOutcome::Off,
             Role::Alone => {
-                return shared.record_alone(&alone_records(&shared.config.dirty_log, &op));
+                return shared.record_alone(&alone_records(&op));
             }
             Role::Replicating => {}
         }
