@@ -337,6 +337,31 @@ impl<'c> AgentNode<'c> {
         output.stdout
     }
 
+    /// Like [`AgentNode::safekit_ok`], once the agent answers on its admin
+    /// socket: [`AgentNode::start_agent`] returns once `safekit module list`
+    /// works, which reads the installation without the agent, so a command
+    /// sent right after may find no admin socket yet.
+    pub fn safekit_ok_when_up(&self, args: &str) -> String {
+        let mut output = None;
+        self.wait_for(&format!("the agent to take `safekit {args}`"), || {
+            let run = self.safekit(args);
+            let answered = !run.stderr.contains("agent not running");
+            output = Some(run);
+            answered
+        });
+        let output = output.expect("ran at least once");
+        assert!(
+            output.success(),
+            "{}: safekit {args} failed: {}{}
+{}",
+            self.node.name(),
+            output.stdout,
+            output.stderr,
+            self.diagnostics()
+        );
+        output.stdout
+    }
+
     /// `safekit state -m <module> -lq`'s exit code ([`STOP`]...[`SECOND`]; -1 if killed).
     pub fn state(&self) -> i32 {
         self.safekit(&format!("state -m {} -lq", self.module))

@@ -36,25 +36,6 @@ fn attributes(node: &AgentNode<'_>) -> String {
         .unwrap_or_else(|error| panic!("{}: getfattr: {error}", node.name()))
 }
 
-fn safekit_ok(node: &AgentNode<'_>, args: &str) {
-    let mut output = None;
-    node.wait_for(&format!("the agent to take `safekit {args}`"), || {
-        let run = node.safekit(args);
-        let answered = !run.stderr.contains("agent not running");
-        output = Some(run);
-        answered
-    });
-    let output = output.expect("ran at least once");
-    assert!(
-        output.success(),
-        "{}: safekit {args}: {}{}\n{}",
-        node.name(),
-        output.stdout,
-        output.stderr,
-        node.diagnostics()
-    );
-}
-
 #[test]
 fn with_acl_on_acls_set_while_the_secondary_was_down_reach_it_at_failback() {
     assert!(
@@ -67,7 +48,7 @@ fn with_acl_on_acls_set_while_the_secondary_was_down_reach_it_at_failback() {
         .build()
         .expect("build the cluster");
     let ([node1, node2], _agents) = module().start_on(&cluster);
-    safekit_ok(&node1, &format!("prim -m {MODULE}"));
+    node1.safekit_ok_when_up(&format!("prim -m {MODULE}"));
     node1.wait_state(ALONE);
     node1.run_in(
         REPLICATED,
@@ -77,7 +58,7 @@ fn with_acl_on_acls_set_while_the_secondary_was_down_reach_it_at_failback() {
          && setfattr -n user.keep -v yes shared/report.txt",
     );
     node2.wait_peer("node1 ALONE");
-    safekit_ok(&node2, &format!("second -m {MODULE}"));
+    node2.safekit_ok_when_up(&format!("second -m {MODULE}"));
     node2.wait_state(SECOND);
     wait_for_all(&[&node1, &node2], "node1 PRIM after the join", || {
         node1.state() == PRIM
@@ -103,7 +84,7 @@ fn with_acl_on_acls_set_while_the_secondary_was_down_reach_it_at_failback() {
 
     cluster.node(2).reboot().expect("reboot node2");
     let _agent2_again = node2.start_agent();
-    safekit_ok(&node2, &format!("start -m {MODULE}"));
+    node2.safekit_ok_when_up(&format!("start -m {MODULE}"));
     node2.wait_state(SECOND);
     wait_for_all(&[&node1, &node2], "node1 PRIM after the failback", || {
         node1.state() == PRIM

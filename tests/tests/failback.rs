@@ -44,29 +44,6 @@ fn module() -> ModuleSpec {
         .state_wait(STATE_WAIT)
 }
 
-/// Runs `safekit <args>` once the agent answers on its admin socket and
-/// asserts it succeeds. [`AgentNode::start_agent`] returns once `safekit
-/// module list` works, which reads the installation without the agent: a
-/// command sent right after may find no admin socket yet.
-fn safekit_when_up(node: &AgentNode<'_>, args: &str) {
-    let mut output = None;
-    node.wait_for(&format!("the agent to take `safekit {args}`"), || {
-        let run = node.safekit(args);
-        let answered = !run.stderr.contains("agent not running");
-        output = Some(run);
-        answered
-    });
-    let output = output.expect("ran at least once");
-    assert!(
-        output.success(),
-        "{}: safekit {args} failed: {}{}\n{}",
-        node.name(),
-        output.stdout,
-        output.stderr,
-        node.diagnostics()
-    );
-}
-
 /// A small deterministic generator of file contents (xorshift64).
 struct Bytes(u64);
 
@@ -197,11 +174,11 @@ fn after_the_secondary_crashed_failback_resends_only_the_changed_files_and_block
     let ([node1, node2], agents) = module().start_on(&cluster);
 
     // node1 alone with the tree, node2 joins: a full reintegration copies it.
-    safekit_when_up(&node1, &format!("prim -m {MODULE}"));
+    node1.safekit_ok_when_up(&format!("prim -m {MODULE}"));
     node1.wait_state(ALONE);
     let start = Instant::now();
     node2.wait_peer("node1 ALONE");
-    safekit_when_up(&node2, &format!("second -m {MODULE}"));
+    node2.safekit_ok_when_up(&format!("second -m {MODULE}"));
     node2.wait_state(SECOND);
     wait_for_all(
         &[&node1, &node2],
@@ -221,7 +198,7 @@ fn after_the_secondary_crashed_failback_resends_only_the_changed_files_and_block
     cluster.node(2).reboot().expect("reboot node2");
     let _agent2_again = node2.start_agent();
     let start = Instant::now();
-    safekit_when_up(&node2, &format!("start -m {MODULE}"));
+    node2.safekit_ok_when_up(&format!("start -m {MODULE}"));
     node2.wait_state(SECOND);
     wait_for_all(&[&node1, &node2], "node1 PRIM after the failback", || {
         node1.state() == PRIM
