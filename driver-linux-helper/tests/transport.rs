@@ -728,15 +728,27 @@ fn serving_receiver(node: &Node) -> Receiver {
     Receiver::bind_serving_resync("127.0.0.1:0", SECRET, MODULE, vec![dir]).expect("bind receiver")
 }
 
+/// A receiver answering durable barriers, and a sender to it asking one every
+/// `durable_interval`, connected.
+fn connected_to_serving(
+    node: &Node,
+    timeout: Duration,
+    durable_interval: Duration,
+) -> (Receiver, Sender, mpsc::Receiver<ReplicationEvent>) {
+    let receiver = serving_receiver(node);
+    let (sender, events) = sender_with(node, receiver.local_addr(), SECRET, timeout, |config| {
+        config.durable_interval = durable_interval;
+    });
+    wait_connected(&events);
+    (receiver, sender, events)
+}
+
 #[test]
 fn a_receiver_that_goes_away_mid_stream_leaves_every_touched_file_recorded() {
     let mut node = node();
-    let receiver = serving_receiver(&node);
     let timeout = Duration::from_millis(500);
-    let (sender, events) = sender_with(&node, receiver.local_addr(), SECRET, timeout, |config| {
-        config.durable_interval = Duration::from_millis(50);
-    });
-    wait_connected(&events);
+    let (receiver, sender, events) =
+        connected_to_serving(&node, timeout, Duration::from_millis(50));
     assert_eq!(
         both(&mut node, &sender, create_op("before"), WaitFor::Applied),
         ReplicateOutcome::Confirmed
@@ -825,17 +837,10 @@ fn a_receiver_that_goes_away_mid_stream_leaves_every_touched_file_recorded() {
 #[test]
 fn an_acknowledged_write_not_yet_durable_on_the_peer_is_recorded_when_the_peer_is_lost() {
     let mut node = node();
-    let receiver = serving_receiver(&node);
     // No durable barrier before the loss: the peer may have the write only in
     // its page cache, which a power loss empties.
-    let (sender, events) = sender_with(
-        &node,
-        receiver.local_addr(),
-        SECRET,
-        Duration::from_millis(500),
-        |config| config.durable_interval = Duration::from_secs(3600),
-    );
-    wait_connected(&events);
+    let (receiver, sender, _events) =
+        connected_to_serving(&node, Duration::from_millis(500), Duration::from_secs(3600));
     assert_eq!(
         both(&mut node, &sender, create_op("acked"), WaitFor::Applied),
         ReplicateOutcome::Confirmed
@@ -868,15 +873,8 @@ fn an_acknowledged_write_not_yet_durable_on_the_peer_is_recorded_when_the_peer_i
 #[test]
 fn an_fsync_while_alone_records_nothing() {
     let mut node = node();
-    let receiver = serving_receiver(&node);
-    let (sender, events) = sender_with(
-        &node,
-        receiver.local_addr(),
-        SECRET,
-        Duration::from_millis(500),
-        |config| config.durable_interval = Duration::from_millis(20),
-    );
-    wait_connected(&events);
+    let (_receiver, sender, _events) =
+        connected_to_serving(&node, Duration::from_millis(500), Duration::from_millis(20));
     assert_eq!(
         both(&mut node, &sender, create_op("db"), WaitFor::Applied),
         ReplicateOutcome::Confirmed

@@ -432,21 +432,11 @@ impl Sender {
         if state.role != Role::Replicating {
             return Err(RequestFailed::NotReplicating);
         }
-        let id = state.next_request_id;
-        state.next_request_id += 1;
-        if body == (RequestBody::Barrier { durable: true }) {
-            let mark = state.next_seq;
-            state.durable_marks.insert(id, mark);
-        }
-        let message = Message::ResyncRequest(ResyncRequest { id, body });
-        let encoded =
-            EncodedBody::new(&message).map_err(|error| RequestFailed::Encode(error.to_string()))?;
-        state.outq.push_back(OutFrame {
-            seq: 0,
-            body: encoded,
-        });
+        let id = self
+            .shared
+            .queue_request(&mut state, body)
+            .map_err(|error| RequestFailed::Encode(error.to_string()))?;
         state.requests.insert(id, None);
-        self.shared.outq_ready.notify_one();
         Ok(RequestTicket {
             id,
             generation: state.generation,
@@ -914,21 +904,35 @@ impl Shared {
         {
             return;
         }
-        let id = state.next_request_id;
-        let message = Message::ResyncRequest(ResyncRequest {
-            id,
-            body: RequestBody::Barrier { durable: true },
-        });
-        let Ok(body) = EncodedBody::new(&message) else {
+        let Ok(id) = self.queue_request(state, RequestBody::Barrier { durable: true }) else {
             return;
         };
-        state.next_request_id += 1;
-        state.outq.push_back(OutFrame { seq: 0, body });
         state.durable_request = Some((id, state.generation));
-        let mark = state.next_seq;
-        state.durable_marks.insert(id, mark);
         state.last_durable_request = now;
+    }
+
+    /// Queues request `body` behind every operation queued so far and
+    /// returns its id; a durable barrier's id is remembered with the
+    /// operations its answer proves durable.
+    fn queue_request(
+        &self,
+        state: &mut State,
+        body: RequestBody,
+    ) -> Result<u64, safekit_protocol::frame::EncodeError> {
+        let id = state.next_request_id;
+        let durable = body == (RequestBody::Barrier { durable: true });
+        let encoded = EncodedBody::new(&Message::ResyncRequest(ResyncRequest { id, body }))?;
+        state.next_request_id += 1;
+        if durable {
+            let mark = state.next_seq;
+            state.durable_marks.insert(id, mark);
+        }
+        state.outq.push_back(OutFrame {
+            seq: 0,
+            body: encoded,
+        });
         self.outq_ready.notify_one();
+        Ok(id)
     }
 
     /// Records the files awaiting a durable barrier in the dirty log now
