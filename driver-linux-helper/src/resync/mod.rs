@@ -2230,12 +2230,7 @@ impl<'a> Run<'a> {
             (&job.scope, Vec::new())
         };
         if remote.is_some() {
-            bump(&counters.file_blocks, blocks(size, block_size));
-            if *scope == Scope::Whole {
-                bump(&counters.files_whole, 1);
-            } else {
-                bump(&counters.files_by_range, 1);
-            }
+            self.count_compared(scope, size);
         }
         // The prefetched hashes answer the first chunk when the plan did not change.
         let mut ready: Option<(u64, u64, Vec<BlockHash>)> = match prefetched {
@@ -2340,6 +2335,24 @@ impl<'a> Run<'a> {
         };
         self.finished(dir, &finished_path, size)?;
         Ok(FileEnd::Done)
+    }
+
+    /// Counts a file of `size` bytes compared over `scope` (its blocks, and
+    /// whether whole or over ranges).
+    fn count_compared(&self, scope: &Scope, size: u64) {
+        let counters = self.counters();
+        bump(
+            &counters.file_blocks,
+            blocks(size, u64::from(self.engine.config.block_size)),
+        );
+        bump(
+            if *scope == Scope::Whole {
+                &counters.files_whole
+            } else {
+                &counters.files_by_range
+            },
+            1,
+        );
     }
 
     /// Ships a file's size and attributes as they are `now` (its data guard
@@ -2501,15 +2514,7 @@ impl<'a> Run<'a> {
             return Ok(None);
         }
         bump(&counters.files_examined, 1);
-        bump(&counters.file_blocks, blocks(now.size, block_size));
-        bump(
-            if job.scope == Scope::Whole {
-                &counters.files_whole
-            } else {
-                &counters.files_by_range
-            },
-            1,
-        );
+        self.count_compared(&job.scope, now.size);
         let data = tree::read_vec_at(&fd, usize::try_from(now.size).unwrap_or(0), 0)
             .map_err(io_error("read a block"))?;
         let n = data.len();
